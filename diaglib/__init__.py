@@ -1,0 +1,1 @@
+"""diaglib: why vLLM crashes or falls off a cliff at a token boundary."""

@@ -1,0 +1,258 @@
+"""A scenario: a `vllm serve` command, the GPUs it runs on and the vLLM that resolves it.
+
+`load()` reads a scenario file (data/scenarios/*.toml) or takes a command line, parses it with vLLM's
+own `vllm serve` parser and resolves it with vLLM's own `create_engine_config`, yielding vLLM's
+`VllmConfig`. Without a GPU, the what-if layer (diaglib.whatif) stands in for the named GPU first.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import versions, whatif
+from .errors import DiagError
+from .gpus import GpuSpec, gpu_spec
+from .paths import DATA, DEFAULT_SCENARIO, SCENARIOS
+
+DEFAULT_GPU = "NVIDIA H20"
+DEFAULT_GPU_COUNT = 8
+
+
+@dataclass
+class Scenario:
+    """A serve command resolved by the installed vLLM on a real or what-if GPU."""
+
+    name: str
+    command: str
+    gpu: GpuSpec
+    model_dir: Path
+    argv: list[str]
+    args: argparse.Namespace
+    engine_args: Any
+    vllm_config: Any
+    vllm_version: str
+    simulated: bool
+    source: Path | None = None
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def hf_config(self):
+        return self.vllm_config.model_config.hf_config
+
+    @property
+    def verified(self) -> bool:
+        """Whether this vLLM version is one diaglib's tests cover."""
+        return versions.is_verified(self.vllm_version)
+
+    def derive(self, *flags: str, name: str | None = None) -> "Scenario":
+        """The same scenario with serve flags appended (later flags win, as on vLLM's command line)."""
+        command = self.command + " " + " ".join(shlex.quote(f) for f in flags)
+        return from_command(command, gpu=self.gpu, models=self.models, name=name or self.name,
+                            source=self.source)
+
+
+# --- entry points -----------------------------------------------------------------------------------
+
+def load(spec: str | Path | None = None, *, cmd: str | None = None, gpu: str | None = None,
+         gpu_count: int | None = None, vllm: str | None = None) -> Scenario:
+    """Resolve a scenario file (path or name under data/scenarios) or a serve command line.
+
+    ``gpu``/``gpu_count`` override the file's GPU; ``vllm`` names the vLLM version that must answer
+    (default: the file's); it must be the one installed here.
+    """
+    if cmd is not None and spec is not None:
+        raise DiagError("give either a scenario file or --cmd, not both")
+    if cmd is not None:
+        data = {"name": "command line", "command": cmd, "gpu": {}, "models": {}}
+        path = None
+    else:
+        path = find_scenario(spec)
+        data = read_scenario_file(path)
+    wanted = vllm or data.get("vllm")
+    have = versions.installed()
+    if have is None:
+        raise DiagError("vLLM is not installed in this Python environment")
+    if wanted and wanted != have:
+        raise DiagError(f"this scenario asks for vLLM {wanted}, but this environment has vLLM {have}; "
+                        f"run diaglib with --vllm {wanted}")
+    g = data.get("gpu", {})
+    spec_gpu = gpu_spec(gpu or g.get("name", DEFAULT_GPU), gpu_count or g.get("count", DEFAULT_GPU_COUNT),
+                        g.get("memory_mib"))
+    models = {k: str((path.parent / v).resolve()) if path else v for k, v in data.get("models", {}).items()}
+    return from_command(data["command"], gpu=spec_gpu, models=models, name=data.get("name", "scenario"),
+                        source=path)
+
+
+def find_scenario(spec: str | Path | None) -> Path:
+    """A scenario file by path, or by name under data/scenarios (default: the seed scenario)."""
+    if spec is None:
+        return DEFAULT_SCENARIO
+    p = Path(spec)
+    for cand in (p, SCENARIOS / p, SCENARIOS / f"{p}.toml"):
+        if cand.is_file():
+            return cand.resolve()
+    names = ", ".join(sorted(f.stem for f in SCENARIOS.glob("*.toml")))
+    raise DiagError(f"scenario {str(spec)!r} not found (a .toml file, or one of: {names})")
+
+
+def read_scenario_file(path: Path) -> dict:
+    """Parse and check a scenario file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise DiagError(f"{path}: malformed scenario file: {e}") from None
+    if not isinstance(data.get("command"), str):
+        raise DiagError(f"{path}: a scenario needs a `command = \"vllm serve ...\"` line")
+    for key, kind in (("gpu", dict), ("models", dict), ("vllm", str), ("name", str)):
+        if key in data and not isinstance(data[key], kind):
+            raise DiagError(f"{path}: `{key}` must be a {'table' if kind is dict else 'string'}")
+    return data
+
+
+def from_command(command: str, *, gpu: GpuSpec, models: dict[str, str] | None = None,
+                 name: str = "command line", source: Path | None = None) -> Scenario:
+    """Resolve one `vllm serve ...` command line for ``gpu`` through vLLM's parser and config code."""
+    simulated = prepare_vllm(gpu)
+    argv = serve_argv(command)
+    args = parse_serve_args(argv)
+    tag = args.model_tag or getattr(args, "model", None)
+    model_dir = resolve_model_dir(tag, models or {})
+    args.model = str(model_dir)
+    if getattr(args, "served_model_name", None) is None and tag != str(model_dir):
+        args.served_model_name = [tag]
+    config = create_config(args, gpu)
+    return Scenario(name=name, command=command, gpu=gpu, model_dir=model_dir, argv=argv, args=args,
+                    engine_args=config[0], vllm_config=config[1], vllm_version=versions.installed(),
+                    simulated=simulated, source=source, models=dict(models or {}))
+
+
+# --- steps ------------------------------------------------------------------------------------------
+
+def prepare_vllm(gpu: GpuSpec) -> bool:
+    """Get vLLM ready to answer for ``gpu``: the what-if layer when no GPU exists. True if simulated."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if whatif.active_gpu() is None and ("vllm" in sys.modules or whatif.real_gpu_present()):
+        return False
+    whatif.activate(gpu)
+    _quiet_vllm_logging()
+    return True
+
+
+def _quiet_vllm_logging() -> None:
+    """vLLM logs to stdout; keep stdout for our output and send its records to stderr."""
+    import vllm  # noqa: F401  (configures vLLM's logger)
+
+    for h in logging.getLogger("vllm").handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+            h.setStream(sys.stderr)
+
+
+def serve_argv(command: str) -> list[str]:
+    """`vllm serve MODEL --flags` -> the argv vLLM's CLI parser sees after the program name."""
+    try:
+        words = shlex.split(command)
+    except ValueError as e:
+        raise DiagError(f"cannot split the serve command: {e}") from None
+    if words[:1] == ["vllm"]:
+        words = words[1:]
+    if words[:1] != ["serve"]:
+        raise DiagError(f"expected a `vllm serve MODEL [flags]` command, got {command!r}")
+    return words
+
+
+class _ParseError(Exception):
+    pass
+
+
+def parse_serve_args(argv: list[str]) -> argparse.Namespace:
+    """Parse with vLLM's own `vllm serve` parser; an unknown or malformed flag becomes a DiagError."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+
+    parser = versions.flexible_argument_parser()(prog="vllm")
+    subparsers = parser.add_subparsers(dest="subparser")
+    serve = ServeSubcommand().subparser_init(subparsers)
+
+    def fail(message: str):
+        raise _ParseError(message)
+
+    parser.error = serve.error = fail
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)
+    except _ParseError as e:
+        raise DiagError(_explain_parse_error(str(e), serve)) from None
+    except SystemExit:
+        raise DiagError(f"vLLM's serve parser rejected: {' '.join(argv)}") from None
+    return args
+
+
+def _explain_parse_error(message: str, serve: argparse.ArgumentParser) -> str:
+    m = re.match(r"unrecognized arguments: (.*)", message)
+    if not m:
+        return f"bad serve argument: {message}"
+    known = [o for a in serve._actions for o in a.option_strings]
+    parts = []
+    for word in m.group(1).split():
+        if not word.startswith("-"):
+            continue
+        flag = word.split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+        parts.append(f"{flag}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return "unknown serve flag: " + ", ".join(parts or [m.group(1)])
+
+
+def resolve_model_dir(tag: str | None, models: dict[str, str]) -> Path:
+    """The local folder holding the model's config.json (a path, a scenario mapping, or data/models/NAME)."""
+    if not tag:
+        raise DiagError("the serve command names no model")
+    candidates = [Path(models[tag])] if tag in models else []
+    candidates += [Path(tag), DATA / "models" / Path(tag).name]
+    for d in candidates:
+        if d.is_dir():
+            break
+    else:
+        raise DiagError(f"model {tag!r}: no local folder found (tried {', '.join(map(str, candidates))}); "
+                        "put its config.json in data/models/NAME/ or map it in the scenario's [models]")
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise DiagError(f"model folder {d} has no config.json")
+    try:
+        json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise DiagError(f"{cfg}: malformed JSON: {e}") from None
+    return d.resolve()
+
+
+def create_config(args: argparse.Namespace, gpu: GpuSpec):
+    """vLLM's EngineArgs and resolved VllmConfig, as `vllm serve` builds them."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    tp = getattr(args, "tensor_parallel_size", 1) or 1
+    pp = getattr(args, "pipeline_parallel_size", 1) or 1
+    dp_local = getattr(args, "data_parallel_size_local", None) or getattr(args, "data_parallel_size", 1) or 1
+    if tp * pp * dp_local > gpu.count:
+        raise DiagError(f"TP {tp} x PP {pp} x DP {dp_local} needs {tp * pp * dp_local} GPUs, "
+                        f"but the scenario has {gpu.count} x {gpu.name}")
+    try:
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    except (ValueError, TypeError, OSError, NotImplementedError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DiagError(f"vLLM rejected the configuration: {first}") from None
+    return engine_args, vllm_config
