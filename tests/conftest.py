@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests run once per supported vLLM environment (see .ci/run); GPU tests are marked `gpu`."""
+from __future__ import annotations
+
+import pytest
+
+from diaglib import versions
+
+# The scenario each supported vLLM version is tested on: the seed's command under that version.
+REFERENCE_SCENARIOS = {"0.20.2": "default", "0.10.1.1": "seed-vllm-0.10.1.1"}
+
+
+def _has_gpu() -> bool:
+    from diaglib.whatif import real_gpu_present
+
+    return real_gpu_present()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def scenario_name() -> str:
+    """Name of the seed scenario for the vLLM installed here."""
+    v = versions.installed()
+    if v not in REFERENCE_SCENARIOS:
+        pytest.skip(f"vLLM {v} has no reference scenario")
+    return REFERENCE_SCENARIOS[v]
+
+
+@pytest.fixture(scope="session")
+def scenario(scenario_name):
+    """The seed scenario resolved by the installed vLLM (what-if H20 x 8 without a GPU)."""
+    from diaglib.scenario import load
+
+    return load(scenario_name)
