@@ -71,6 +71,7 @@ def _reexec_if_needed(args, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury our output
     args = build_parser().parse_args(argv)
     try:
         _reexec_if_needed(args, argv)

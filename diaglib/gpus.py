@@ -16,6 +16,7 @@ class GpuSpec:
     name: str
     capability: tuple[int, int]
     memory_mib: int
+    sms: int
     count: int = 1
 
     @property
@@ -37,5 +38,5 @@ def gpu_spec(name: str, count: int = 1, memory_mib: int | None = None) -> GpuSpe
         if known.lower().removeprefix("nvidia ") == wanted:
             if count < 1:
                 raise DiagError(f"GPU count must be at least 1, not {count}")
-            return GpuSpec(known, tuple(spec["capability"]), memory_mib or spec["memory_mib"], count)
+            return GpuSpec(known, tuple(spec["capability"]), memory_mib or spec["memory_mib"], spec["sms"], count)
     raise DiagError(f"unknown GPU {name!r}; known: {', '.join(catalog())} (add it to data/gpus.json)")

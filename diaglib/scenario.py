@@ -253,6 +253,22 @@ def create_config(args: argparse.Namespace, gpu: GpuSpec):
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DiagError(f"vLLM rejected the configuration: {first}") from None
+        raise DiagError(f"vLLM rejected the configuration: {_explain_rejection(e)}") from None
     return engine_args, vllm_config
+
+
+def _explain_rejection(e: Exception) -> str:
+    """One line from vLLM's exception; pydantic validation errors name the field and the reason."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            parts = []
+            for err in errors():
+                loc = ".".join(str(x) for x in err.get("loc", ()) if x != "__root__")
+                msg = err.get("msg", "").removeprefix("Value error, ")
+                parts.append(f"{loc}: {msg}" if loc else msg)
+            return "; ".join(p.splitlines()[0] for p in parts) or str(e)
+        except Exception:  # not a pydantic error after all
+            pass
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

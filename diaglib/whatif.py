@@ -148,7 +148,7 @@ def _patch_torch() -> None:
         def __init__(self, gpu: GpuSpec):
             self.name, self.total_memory = gpu.name, gpu.memory_bytes
             self.major, self.minor = gpu.capability
-            self.multi_processor_count = 132
+            self.multi_processor_count = gpu.sms
 
     torch.cuda._device_count_nvml = lambda: _active.count
     torch.cuda.device_count = lambda: _active.count

@@ -9,6 +9,30 @@ from diaglib import versions
 REFERENCE_SCENARIOS = {"0.20.2": "default", "0.10.1.1": "seed-vllm-0.10.1.1"}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite the golden files under tests/golden/ from what the installed vLLM says")
+
+
+@pytest.fixture
+def golden(request):
+    """Compare JSON-ready data with tests/golden/NAME (rewritten instead under --update-golden)."""
+    import json
+    from pathlib import Path
+
+    def check(name: str, data) -> None:
+        path = Path(__file__).parent / "golden" / name
+        text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+        if request.config.getoption("--update-golden"):
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+            return
+        assert path.exists(), f"no golden file {path.name}; create it with pytest --update-golden"
+        assert json.loads(text) == json.loads(path.read_text()), f"differs from {path.name} (pytest --update-golden)"
+
+    return check
+
+
 def _has_gpu() -> bool:
     from diaglib.whatif import real_gpu_present
 

@@ -1,0 +1,59 @@
+"""The `diaglib` command as a user runs it: real processes, real exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diaglib import versions
+
+
+def run(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run([python, "-m", "diaglib", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_show_json_is_what_vllm_resolved(scenario, scenario_name):
+    from diaglib.summarize import summarize
+
+    p = run("show", scenario_name, "--json")
+    assert p.returncode == 0, p.stderr
+    shown = json.loads(p.stdout)
+    assert shown == json.loads(json.dumps(summarize(scenario), default=str))
+    assert shown["vllm_version"] == versions.installed()
+
+
+def test_show_text_names_every_boundary_setting(scenario_name):
+    p = run("show", scenario_name)
+    assert p.returncode == 0, p.stderr
+    for label in ("compile", "compile ranges", "cudagraph mode", "capture sizes", "splitting ops", "scheduler",
+                  "KV cache", "parallel", "quantization", "attention", "MoE"):
+        assert any(line.startswith(label + " ") for line in p.stdout.splitlines()), label
+    assert "max_num_batched_tokens 8192" in p.stdout and "TP 8" in p.stdout
+
+
+def test_vllm_flag_hands_over_to_the_other_version():
+    other = next(v for v in versions.SUPPORTED if v != versions.installed())
+    try:
+        versions.venv_python(other)
+    except Exception as e:
+        pytest.skip(str(e))
+    p = run("--vllm", other, "show", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["vllm_version"] == other
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vllm", "0.9.0", "show"], "vLLM 0.9.0 is not supported"),
+    (["show", "--gpu", "NVIDIA Z100"], "unknown GPU 'NVIDIA Z100'"),
+    (["show", "no-such-scenario"], "scenario 'no-such-scenario' not found"),
+    (["show", "--cmd", "vllm serve zai-org/GLM-4.6-FP8 -tp 8 --max-num-batched-tokenz 8192"],
+     "unknown serve flag: --max-num-batched-tokenz (did you mean --max-num-batched-tokens?)"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    p = run(*args)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("diaglib: error: ") and message in last
+    assert "Traceback" not in p.stderr
