@@ -11,6 +11,8 @@ def summarize(sc: Scenario) -> dict:
     pc = cfg.parallel_config
     mc = cfg.model_config
     quant = getattr(mc, "quantization", None)
+    from vllm.platforms import current_platform as plat
+
     from .layers import moe_backend
 
     return {
@@ -18,8 +20,9 @@ def summarize(sc: Scenario) -> dict:
         "command": sc.command,
         "vllm_version": sc.vllm_version,
         "vllm_verified": sc.verified,
-        "gpu": {"name": sc.gpu.name, "count": sc.gpu.count, "memory_mib": sc.gpu.memory_mib,
-                "capability": ".".join(map(str, sc.gpu.capability)), "simulated": sc.simulated},
+        "gpu": {"name": plat.get_device_name(), "count": sc.gpu.count,
+                "memory_mib": plat.get_device_total_memory() // (1 << 20),
+                "capability": "{}.{}".format(*plat.get_device_capability()), "simulated": sc.simulated},
         "model": {"path": str(sc.model_dir), "architecture": (mc.architectures or ["?"])[0],
                   "dtype": str(mc.dtype).removeprefix("torch."), "max_model_len": mc.max_model_len},
         "compilation": versions.compilation_summary(cfg),
@@ -48,7 +51,8 @@ def format_text(s: dict) -> str:
                 + ("  [what-if: no GPU here]" if gpu["simulated"] else "")),
         ("model", f"{s['model']['architecture']} {s['model']['dtype']}, max_model_len {s['model']['max_model_len']}"),
         ("compile", f"mode {c['compile_mode']}, backend {c['compile_backend']}"),
-        ("compile ranges", ", ".join(f"[{a}, {b}]" for a, b in c["compile_ranges"]) or "none"),
+        ("compile ranges", ", ".join(f"[{a}, {b}]" for a, b in c["compile_ranges"])
+         + (" (one dynamic-shape graph)" if len(c["compile_ranges"]) == 1 else "") or "none"),
         ("compile sizes", ", ".join(map(str, c["compile_sizes"])) or "none"),
         ("cudagraph mode", c["cudagraph_mode"]),
         ("capture sizes", f"{len(caps)} sizes, max {c['max_cudagraph_capture_size']}: {_runs(caps)}"),
