@@ -35,6 +35,280 @@ def cmd_show(args) -> None:
     _print(args, s, format_text(s))
 
 
+def cmd_report(args) -> int:
+    from .report import ReportError, build
+
+    try:
+        pages = build(args.scenario, out=args.out, cmd=args.cmd, gpu=args.gpu, gpu_count=args.gpu_count,
+                      vllm=args.vllm, jobs=args.jobs, only=args.only)
+    except ReportError as e:
+        print(f"diaglib: report: failed: {e} (pages written to {args.out})", file=sys.stderr)
+        return 1
+    rows = [{"notebook": p.notebook, "title": p.title, "seconds": round(p.seconds, 1), "slowest": p.slowest,
+             "html": os.path.join(args.out, p.notebook.replace(".ipynb", ".html"))} for p in pages]
+    _print(args, {"index": os.path.join(args.out, "index.html"), "pages": rows},
+           "\n".join(f"{r['seconds']:6.1f} s  {r['html']}  (slowest {r['slowest']})" for r in rows)
+           + f"\n{os.path.join(args.out, 'index.html')}")
+    return 0
+
+
+def _records(data: dict) -> dict:
+    """DataFrames inside a result -> JSON-ready lists of rows."""
+    return {k: json.loads(v.to_json(orient="records")) if hasattr(v, "to_json") else v for k, v in data.items()}
+
+
+def cmd_moe(args) -> None:
+    from .moe import format_text, launches
+
+    sc = _load(args)
+    tokens = sc.vllm_config.scheduler_config.max_num_batched_tokens if args.tokens is None else args.tokens
+    info = launches(sc, tokens)
+    _print(args, _records(info), format_text(info))
+
+
+def cmd_dispatch(args) -> None:
+    from .dispatch import dispatch_table
+
+    df = dispatch_table(_load(args), args.tokens, decode=args.decode)
+    _print(args, json.loads(df.to_json(orient="records")), _dispatch_text(df))
+
+
+def _dispatch_text(df) -> str:
+    note = df.derived.iloc[0]
+    table = df.drop(columns=["vllm_version", "derived", "batch_descriptor"]).to_string(index=False)
+    return table + (f"\n({note})" if isinstance(note, str) else "")
+
+
+def cmd_trace(args) -> None:
+    from .schedule import format_trace, trace
+    from .workload import prompts, with_decoders
+
+    if args.decoders and len(args.prompt) != 1:
+        raise DiagError("--decoders goes with exactly one --prompt")
+    w = (with_decoders(args.prompt[0], args.decoders, output_len=args.output_len) if args.decoders
+         else prompts(*args.prompt, output_len=args.output_len))
+    tr = trace(_load(args), w, _gib(args.kv_memory_gib))
+    data = {"scenario": tr.scenario, "vllm_version": tr.vllm_version, "notes": tr.notes, "kv": tr.kv,
+            "per_step": tr.per_step, "per_request": tr.per_request}
+    _print(args, _records(data), format_trace(tr))
+
+
+def cmd_sweep(args) -> None:
+    from .schedule import format_sweep, parse_knob, parse_lengths, sweep
+
+    knobs = dict(parse_knob(k) for k in args.knob or [])
+    if args.live:
+        return _sweep_live(args, parse_lengths(args.lengths), knobs)
+    df = sweep(_load(args), parse_lengths(args.lengths), knobs, output_len=args.output_len, decoders=args.decoders,
+               kv_memory_bytes=_gib(args.kv_memory_gib), progress=not args.json)
+    if args.out:
+        if args.out.endswith(".parquet"):
+            df.assign(compile_range=df.compile_range.astype(str)).to_parquet(args.out, index=False)
+        elif args.out.endswith(".csv"):
+            df.to_csv(args.out, index=False)
+        else:
+            raise DiagError(f"-o must name a .parquet or .csv file, got {args.out!r}")
+        print(f"{args.out}: {len(df)} rows")
+        return
+    _print(args, json.loads(df.to_json(orient="records")), format_sweep(df, list(knobs)))
+
+
+def _sweep_live(args, lengths: list[int], knobs: dict) -> None:
+    from . import livesweep as L
+    from .bisect import store_prefix
+
+    gpus = _gpus(args.gpus)
+    if gpus is None:
+        raise DiagError("a live sweep runs probes on a GPU, and this host has none")
+    sc = _load(args)
+    prefix = "sweep-" + store_prefix(sc).removeprefix("bisect-")
+    labels = [s.label for s in L.settings(sc, knobs)]
+    rows = []
+    for row in L.stream(sc, lengths, knobs, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus):
+        rows.append(row)
+        if not args.json:
+            done, total = L.progress(L.heatmap_frame(rows, lengths, labels))
+            print(f"[{done}/{total}] {row['setting']} {row['tokens']}: {row['outcome']}"
+                  + (" (stored)" if row["stored"] else ""), flush=True)
+    grid = L.heatmap_frame(rows, lengths, labels)
+    _print(args, {"store": args.store, "prefix": prefix, "rows": rows}, grid.to_string())
+
+
+def _gib(value: float | None) -> int | None:
+    return None if value is None else int(value * 2**30)
+
+
+def _switch_names(text: str | None) -> list[str] | None:
+    from .switches import BY_NAME
+
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in BY_NAME]
+    if bad or not names:
+        raise DiagError(f"unknown kill switch {bad[0]!r}; known: {', '.join(BY_NAME)}" if bad else "no switches given")
+    return names
+
+
+def _token_range(text: str | None, tokens: int) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    lo, sep, hi = text.partition(":")
+    try:
+        rng = int(lo), int(hi)
+    except ValueError:
+        raise DiagError(f"--range wants LO:HI, got {text!r}") from None
+    if not sep or not 1 <= rng[0] <= tokens <= rng[1]:
+        raise DiagError(f"--range {text} must be LO:HI with 1 <= LO <= {tokens} <= HI")
+    return rng
+
+
+def _gpus(text: str | None) -> list[int] | None:
+    from .live.observe import gpu_count
+
+    if text is None:
+        return list(range(gpu_count())) or None
+    try:
+        return [int(g) for g in text.split(",")]
+    except ValueError:
+        raise DiagError(f"--gpus wants indices like 0,1, got {text!r}") from None
+
+
+def cmd_probe(args) -> None:
+    """Crash-isolated probes at exact token counts on this host's GPUs, or (--compare) the side-by-side table."""
+    from .live import compare
+    from .live import probe as P
+
+    if args.compare:
+        df = compare.probes(args.store, args.run)
+        cols = ["run", "key", "outcome", "observed_tokens", "steps_match", "modes_match", "kernel", "probe_s"]
+        _print(args, json.loads(df.to_json(orient="records")), df[cols].to_string(index=False))
+        return
+    from .live.engine import plan
+    from .scenario import find_scenario, read_scenario_file
+
+    if args.cmd is not None:
+        command, models = args.cmd, {}
+    else:
+        path = find_scenario(args.scenario)
+        data = read_scenario_file(path)
+        command = data["command"]
+        models = {k: str((path.parent / v).resolve()) for k, v in data.get("models", {}).items()}
+    probes = P.exact(P.parse_lengths(args.lengths)) if args.lengths else []
+    probes += [P.batch(P.parse_batch(b)) for b in args.batch or []]
+    if args.planted_oob is not None:
+        probes.append(P.planted_fault("oob_write", key=f"planted-oob-m{args.planted_oob}", m=args.planted_oob,
+                                      threshold=args.planted_oob))
+    if not probes:
+        raise DiagError("nothing to probe: give --lengths, --batch or --planted-oob")
+    gpus = _gpus(args.gpus)
+    if gpus is None:
+        raise DiagError("no GPU here: live probes need one (use --compare to read stored records)")
+    spec = plan(command, models=models, gpus=len(gpus), weights=args.weights)
+    df = P.run(probes, spec, store_path=args.store, run_name=args.run or "probe", gpus=gpus,
+               probe_timeout_s=args.timeout, ready_timeout_s=args.ready_timeout)
+    cols = ["key", "outcome", "detail", "engine_seq", "engine_ready_s", "probe_s", "observed_tokens", "kernel"]
+    _print(args, json.loads(df.to_json(orient="records")), df[cols].to_string(index=False))
+
+
+def cmd_switches(args) -> None:
+    from .switches import format_text, verify
+
+    df = verify(_load(args))
+    _print(args, json.loads(df.to_json(orient="records")), format_text(df))
+
+
+def cmd_bisect(args) -> None:
+    from . import bisect as B
+    from . import switches as sw
+    from .live.engine import plan
+    from .observed import fit
+
+    if args.tokens < 1:
+        raise DiagError("--tokens must be >= 1")
+    names = _switch_names(args.switches)
+    rng = _token_range(args.range, args.tokens)
+    gpus = _gpus(args.gpus)
+    sc = _load(args)
+    candidates = names or sw.candidates(sc)
+    prefix = args.prefix or B.store_prefix(sc)
+    try:
+        base = plan(sc.command, models=sc.models, gpus=len(gpus or [0]), weights=args.weights).as_dict()
+    except DiagError:
+        base = None  # no engine can be planned here (no weights, no stand-in): only this prefix's runs count
+    known = B.known_from_store(args.store, prefix, base)
+    if gpus is None and not any(not s and t == args.tokens for s, t, _ in known):
+        raise DiagError(f"no result for {args.tokens} tokens in {args.store} and no GPU here to run it")
+    run = B.live_oracle(sc, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus,
+                        probe_timeout_s=args.timeout)
+    result = B.bisect(run, args.tokens, candidates, token_range=rng, known=known,
+                      max_runs=0 if gpus is None else args.max_runs)
+    data, text = B.describe(result, sc)
+    classes = fit(sc, data)
+    fits = classes[classes.verdict == "fits"]
+    text += "\nknown classes that fit: " + (", ".join(fits.id) or "none") + "".join(
+        f"\n  {r.id}: {r.why}" for r in fits.itertuples())
+    _print(args, {**data, "store": str(args.store), "prefix": prefix,
+                  "classes": json.loads(classes.to_json(orient="records"))}, text)
+
+
+def cmd_evidence(args) -> None:
+    from pathlib import Path
+
+    from . import evidence as E
+    from . import switches as sw
+    from .live.engine import plan
+    from .live.probe import exact
+    from .observed import fit
+
+    names = _switch_names(args.switches) or []
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in E.steps(Path("."))]
+    if unknown or not steps:
+        raise DiagError(f"unknown evidence step {unknown[0]!r}; known: {', '.join(E.steps(Path('.')))}"
+                        if unknown else "no evidence steps given")
+    gpus = _gpus(args.gpus)
+    if gpus is None:
+        raise DiagError("evidence re-runs the failing probe on a GPU, and this host has none")
+    sc = _load(args)
+    flags, env = sw.apply(sc, names)
+    spec = plan(sc.command, models=sc.models, gpus=len(gpus), flags=flags, weights=args.weights)
+    spec.env.update(env)
+    work = args.work or f"{args.out}.work"
+    results = E.run_steps(spec, exact([args.tokens])[0], work, names=steps, gpus=gpus[:1],
+                          probe_timeout_s=args.timeout)
+    about = {"scenario": sc.name, "command": sc.command, "vllm": sc.vllm_version, "gpu": sc.gpu.name,
+             "tokens": args.tokens, "switches": names, "engine": spec.command, "weights": spec.weights}
+    kernel = E.findings(results, Path(work))["kernel"]
+    classes = fit(sc, None, {"kernel": kernel})
+    out = E.assemble(args.out, results, work, about=about, classes=classes)
+    data = json.loads((out / "summary.json").read_text())
+    _print(args, data, f"{out}/summary.html\nfaulting kernel: {data['kernel'] or 'not identified'}"
+                       + (f" (from {data['kernel_from']})" if data["kernel"] else ""))
+
+
+def cmd_memory(args) -> None:
+    from .memory import format_text, layout
+
+    info = layout(_load(args))
+    _print(args, _records(info), format_text(info))
+
+
+def cmd_boundaries(args) -> None:
+    from .boundaries import around, boundaries, format_text, summary
+    from .known_issues import match
+
+    sc = _load(args)
+    df = boundaries(sc)
+    near, info = around(sc, args.around, df=df), summary(sc, df)
+    issues = match(sc)
+    applying = issues[issues["applies"]]
+    text = (format_text(df, near, info, limit=None if args.all else 25) + "\n\nKnown bug classes that apply\n"
+            + "\n".join(f"- {r.id}: {r.why} ({r.links[0] if r.links else 'no upstream link'})"
+                        for r in applying.itertuples()))
+    _print(args, {"summary": info, **_records({"around": near, "boundaries": df, "known_issues": issues})}, text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diaglib", description=__doc__)
     parser.add_argument("--vllm", help=f"which installed vLLM answers ({', '.join(versions.SUPPORTED)}); "
@@ -44,6 +318,105 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="the resolved vLLM configuration that matters at token boundaries")
     _scenario_args(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("moe", help="MoE kernels, Triton config, buffers and grids for one step of M tokens")
+    _scenario_args(p)
+    p.add_argument("--tokens", type=int, default=None, help="tokens in the step (default: max_num_batched_tokens)")
+    p.set_defaults(func=cmd_moe)
+
+    p = sub.add_parser("memory", help="predicted per-GPU memory: weights by component, KV cache, large buffers")
+    _scenario_args(p)
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("boundaries", help="every token count where vLLM's behaviour changes, nearest first")
+    _scenario_args(p)
+    p.add_argument("--around", type=int, nargs="+", metavar="N",
+                   help="token counts to describe (default: max_num_batched_tokens - 1, itself, + 1)")
+    p.add_argument("--all", action="store_true", help="list every boundary (default: the nearest 25)")
+    p.set_defaults(func=cmd_boundaries)
+
+    p = sub.add_parser("dispatch", help="padded size, CUDA-graph mode and compile range vLLM picks for steps of N tokens")
+    _scenario_args(p)
+    p.add_argument("--tokens", type=int, nargs="+", required=True, metavar="N", help="tokens in the step")
+    p.add_argument("--decode", action="store_true", help="uniform decode steps (N requests, 1 token each)")
+    p.set_defaults(func=cmd_dispatch)
+
+    p = sub.add_parser("trace", help="vLLM's real scheduler on a workload: the step table, with graph dispatch")
+    _scenario_args(p)
+    p.add_argument("--prompt", type=int, action="append", required=True, metavar="TOKENS",
+                   help="a prompt of TOKENS tokens arriving at step 0 (repeat for several)")
+    p.add_argument("--decoders", type=int, default=0, metavar="N", help="N requests already decoding when the prompt arrives")
+    p.add_argument("--output-len", type=int, default=3, help="tokens each prompt generates (default 3)")
+    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per GPU (default: diaglib's guess)")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("sweep", help="trace single prompts over a range of lengths x knob values, one row per step")
+    _scenario_args(p)
+    p.add_argument("--lengths", required=True, help="prompt lengths: A:B (inclusive), A:B:STEP or a,b,c")
+    p.add_argument("--knob", action="append", metavar="NAME=V1,V2",
+                   help="a knob and its values, e.g. max_num_batched_tokens=8191,8192 (repeatable)")
+    p.add_argument("--decoders", type=int, default=0, metavar="N", help="N concurrent decoders with every prompt")
+    p.add_argument("--output-len", type=int, default=1, help="tokens each prompt generates (default 1)")
+    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per GPU (default: diaglib's guess)")
+    p.add_argument("-o", "--out", help="write the frame to a .parquet or .csv file")
+    p.add_argument("--live", action="store_true", help="run exact-length probes on the GPU instead (resumable; "
+                   "knobs may include switches=none,cudagraph-off,...)")
+    p.add_argument("--store", default="data/live/sweep.jsonl", help="--live: the live record store")
+    p.add_argument("--gpus", help="--live: GPU indices to use, e.g. 0,1 (default: all)")
+    p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="--live: model weights")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="run every notebook headless and write self-contained HTML + index.html")
+    _scenario_args(p)
+    p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
+    p.add_argument("-j", "--jobs", type=int, help="kernels working in parallel (default: CPU cores, at most 4)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only notebooks whose file name contains NAME")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("switches", help="the kill switches of this vLLM: spelling, layer, checked effect")
+    _scenario_args(p)
+    p.set_defaults(func=cmd_switches)
+
+    p = sub.add_parser("bisect", help="find the fewest kill switches and the nearest token counts that avoid a fault")
+    _scenario_args(p)
+    p.add_argument("--tokens", type=int, required=True, help="the prompt length that faults")
+    p.add_argument("--switches", help="candidate kill switches, broadest first, comma-separated "
+                                      "(default: all that work on this vLLM; see `diaglib switches`)")
+    p.add_argument("--range", help="token counts searched, LO:HI (default: 1:TOKENS+1)")
+    p.add_argument("--store", default="data/live/bisect.jsonl", help="live record store (results are reused)")
+    p.add_argument("--prefix", help="run-name prefix in the store (default: one per scenario)")
+    p.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="model weights for runs")
+    p.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: all)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one probe may take (default 600)")
+    p.set_defaults(func=cmd_bisect)
+
+    p = sub.add_parser("probe", help="crash-isolated probes of exact token counts on the GPU; --compare: "
+                                     "predicted vs observed from stored records")
+    _scenario_args(p)
+    p.add_argument("--lengths", help="prompt lengths, e.g. 8180-8200,16384 (one probe each)")
+    p.add_argument("--batch", action="append", help="prompts arriving together, e.g. 8x1001+184 (repeatable)")
+    p.add_argument("--planted-oob", type=int, metavar="M", help="also run the planted Triton fault at M rows")
+    p.add_argument("--store", default="data/live/probes.jsonl", help="append-only record store (re-runs resume)")
+    p.add_argument("--run", help="run name in the store (default: probe)")
+    p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="model weights")
+    p.add_argument("--gpus", help="GPU indices to spread probes over, e.g. 0,1 (default: all)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds one probe may take (default 300)")
+    p.add_argument("--ready-timeout", type=float, default=900, help="seconds an engine may take to start")
+    p.add_argument("--compare", action="store_true", help="print predicted vs observed for --store/--run")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("evidence", help="re-run a failing probe under debug aids; one folder with a summary page")
+    _scenario_args(p)
+    p.add_argument("--tokens", type=int, required=True, help="the prompt length that faults")
+    p.add_argument("--switches", help="kill switches to keep on during the re-runs, comma-separated")
+    p.add_argument("--steps", default="blocking,sanitizer,trace",
+                   help="debug-aid runs: blocking, sanitizer, trace, debuglog, coredump (default: the first three)")
+    p.add_argument("-o", "--out", required=True, help="bundle folder (safe to share)")
+    p.add_argument("--work", help="folder for raw outputs (default: OUT.work; not for sharing)")
+    p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="model weights for runs")
+    p.add_argument("--gpus", help="GPU index to use (default: the first)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one probe may take (default 600)")
+    p.set_defaults(func=cmd_evidence)
     return parser
 
 
@@ -75,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _reexec_if_needed(args, argv)
-        args.func(args)
+        rc = args.func(args)
     except DiagError as e:
         print(f"diaglib: error: {e}", file=sys.stderr)
         return e.exit_code
-    return 0
+    return rc or 0

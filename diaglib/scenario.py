@@ -88,8 +88,9 @@ def load(spec: str | Path | None = None, *, cmd: str | None = None, gpu: str | N
         raise DiagError(f"this scenario asks for vLLM {wanted}, but this environment has vLLM {have}; "
                         f"run diaglib with --vllm {wanted}")
     g = data.get("gpu", {})
+    same_gpu = gpu is None or gpu_spec(gpu).name == gpu_spec(g.get("name", DEFAULT_GPU)).name
     spec_gpu = gpu_spec(gpu or g.get("name", DEFAULT_GPU), gpu_count or g.get("count", DEFAULT_GPU_COUNT),
-                        g.get("memory_mib"))
+                        g.get("memory_mib") if same_gpu else None)
     models = {k: str((path.parent / v).resolve()) if path else v for k, v in data.get("models", {}).items()}
     return from_command(data["command"], gpu=spec_gpu, models=models, name=data.get("name", "scenario"),
                         source=path)

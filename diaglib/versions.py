@@ -57,6 +57,15 @@ def flexible_argument_parser():
     return FlexibleArgumentParser
 
 
+def set_default_torch_dtype(dtype):
+    """vLLM's context manager that makes ``dtype`` torch's default while a model is built."""
+    try:
+        from vllm.utils.torch_utils import set_default_torch_dtype as ctx
+    except ImportError:
+        from vllm.model_executor.model_loader.utils import set_default_torch_dtype as ctx
+    return ctx(dtype)
+
+
 # --- the resolved configuration ---------------------------------------------------------------------
 
 def compilation_summary(vllm_config) -> dict:
@@ -64,7 +73,8 @@ def compilation_summary(vllm_config) -> dict:
     cc = vllm_config.compilation_config
     capture = sorted(cc.cudagraph_capture_sizes or [])
     if _legacy():
-        mode = {0: "NO_COMPILATION", 1: "DYNAMO_AS_IS", 2: "DYNAMO_ONCE", 3: "PIECEWISE"}.get(cc.level, str(cc.level))
+        names = {0: "NO_COMPILATION", 1: "DYNAMO_AS_IS", 2: "DYNAMO_ONCE", 3: "PIECEWISE"}
+        mode = f"{names.get(cc.level, '?')} (level {cc.level})"
         backend = "inductor" if cc.use_inductor else (cc.backend or "eager")
         ranges = _ranges([], vllm_config.scheduler_config.max_num_batched_tokens) if cc.level == 3 else []
         max_capture = cc.max_capture_size
@@ -121,7 +131,14 @@ def cache_summary(vllm_config) -> dict:
 
 def attention_backend(vllm_config) -> str:
     """The name of the attention backend vLLM's selector picks for this model on the (real or what-if) GPU."""
-    return attention_backend_class(vllm_config).get_name()
+    name = attention_backend_class(vllm_config).get_name()
+    if name.startswith("FLASH_ATTN"):
+        if _legacy():
+            from vllm.attention.utils.fa_utils import get_flash_attn_version
+        else:
+            from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        name += f" (FlashAttention {get_flash_attn_version()})"
+    return name
 
 
 def attention_backend_class(vllm_config):
@@ -151,7 +168,7 @@ def uniform_decode_query_len(vllm_config) -> int:
     return 1 if not spec else 1 + spec.num_speculative_tokens
 
 
-def cudagraph_dispatcher(vllm_config, kv_spec=None):
+def cudagraph_dispatcher(vllm_config):
     """vLLM's CudagraphDispatcher with its keys set up as the model runner sets them up at start-up.
 
     The configured graph mode is first resolved against the attention backend's CUDA-graph support
@@ -170,7 +187,7 @@ def cudagraph_dispatcher(vllm_config, kv_spec=None):
             mode = _resolve_cudagraph_mode_0_10(cc, builder.cudagraph_support, builder.__name__, uq)
         else:
             mode = cc.resolve_cudagraph_mode_and_sizes(
-                builder.get_cudagraph_support(vllm_config, kv_spec), builder.__name__, uq,
+                builder.get_cudagraph_support(vllm_config, kv_cache_spec(vllm_config)), builder.__name__, uq,
                 vllm_config.parallel_config.tensor_parallel_size, None,
                 vllm_config.scheduler_config.max_num_seqs)
     except ValueError as e:
@@ -186,7 +203,7 @@ def cudagraph_dispatcher(vllm_config, kv_spec=None):
 
 def _resolve_cudagraph_mode_0_10(cc, support, backend: str, uq: int):
     """0.10.x resolves the graph mode inline in GPUModelRunner.initialize_cudagraph_capture (that module
-    cannot be imported without a GPU: Triton's driver needs libcuda). Mirrors those lines verbatim."""
+    cannot be imported without a GPU: Triton's driver needs libcuda). Mirrors that logic (messages shortened)."""
     from vllm.v1.attention.backends.utils import AttentionCGSupport
     from vllm.config import CUDAGraphMode
 
@@ -234,6 +251,12 @@ def dispatch_batch(disp, vllm_config, num_tokens: int, num_reqs: int, max_query_
     return desc.num_tokens, mode, uniform, desc
 
 
+def dispatch_derived() -> str | None:
+    """What in a dispatch answer is diaglib's mirror of vLLM code rather than vLLM's code run (None: nothing)."""
+    if _legacy():
+        return ("derived: 0.10.x pads and resolves the graph mode inline in GPUModelRunner (not importable "
+                "without a GPU), mirrored here; its one dynamic-shape graph is shown as range 1..max_num_batched_tokens")
+    return None
 
 def compile_target(vllm_config, num_tokens: int) -> tuple[str, tuple[int, int] | None]:
     """Which compiled graph a step of ``num_tokens`` (padded) runs: (kind, (start, end)).
@@ -270,6 +293,154 @@ def compile_target(vllm_config, num_tokens: int) -> tuple[str, tuple[int, int] |
     if hit is None:
         return "outside", None
     return ("size" if hit.is_single_size() and hit not in ranges else "range"), (hit.start, hit.end)
+
+
+def kv_cache_spec(vllm_config):
+    """One decoder layer's KV-cache spec on one rank, as vLLM's Attention layer builds it (full attention)."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    if _legacy():
+        from vllm.utils import get_kv_cache_torch_dtype
+    else:
+        from vllm.utils.torch_utils import get_kv_cache_torch_dtype
+    kw = {"use_mla": mc.use_mla} if _legacy() else {}
+    return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=mc.get_num_kv_heads(pc),
+                             head_size=mc.get_head_size(),
+                             dtype=get_kv_cache_torch_dtype(vllm_config.cache_config.cache_dtype, mc.dtype), **kw)
+
+
+def private_config(vllm_config):
+    """A copy of the config whose cache and model configs are its own: what vLLM's engine start-up writes
+    into them (num_gpu_blocks; max_model_len, which 0.10.x's KV sizing leaves changed after a failed check)
+    stays out of the scenario's config."""
+    import copy
+
+    cfg = copy.copy(vllm_config)
+    cfg.cache_config = copy.copy(vllm_config.cache_config)
+    cfg.model_config = copy.copy(vllm_config.model_config)
+    return cfg
+
+
+def kv_cache_config(vllm_config, memory_bytes: int):
+    """vLLM's KVCacheConfig for one rank with ``memory_bytes`` of KV memory, plus the scheduler's
+    (block_size, hash_block_size). Too little memory for max_model_len -> DiagError (vLLM's check).
+    Pass a :func:`private_config`: vLLM may write into it."""
+    from vllm.v1.core import kv_cache_utils as ku
+
+    spec = kv_cache_spec(vllm_config)
+    n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    specs = {f"model.layers.{i}.self_attn.attn": spec for i in range(n)}
+    try:
+        if _legacy():
+            cfg = ku.get_kv_cache_config(vllm_config, specs, memory_bytes)
+            return cfg, vllm_config.cache_config.block_size, vllm_config.cache_config.block_size
+        cfg = ku.generate_scheduler_kv_cache_config(ku.get_kv_cache_configs(vllm_config, [specs], [memory_bytes]))
+        return (cfg, *ku.resolve_kv_cache_block_sizes(cfg, vllm_config))
+    except ValueError as e:
+        raise DiagError(f"vLLM's KV-cache sizing: {' '.join(str(e).split())}") from None
+
+
+def new_scheduler(cfg, kv_cfg, block_size: int, hash_block_size: int):
+    """The scheduler class the engine core picks, built as the engine core builds it, on ``cfg`` (a
+    :func:`private_config`: the engine writes num_gpu_blocks into it). Returns (scheduler, block hasher)."""
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    cfg.cache_config.num_gpu_blocks = kv_cfg.num_blocks
+    cfg.model_config.skip_tokenizer_init = True  # no tokenizer files here; only grammar decoding needs one
+    if _legacy():
+        from vllm.utils import get_hash_fn_by_name, resolve_obj_by_qualname
+
+        cls = cfg.scheduler_config.scheduler_cls
+        cls = resolve_obj_by_qualname(cls) if isinstance(cls, str) else cls
+        sched = cls(vllm_config=cfg, kv_cache_config=kv_cfg, structured_output_manager=StructuredOutputManager(cfg),
+                    include_finished_set=cfg.parallel_config.data_parallel_size > 1, log_stats=False)
+    else:
+        from vllm.utils.hashing import get_hash_fn_by_name
+
+        sched = cfg.scheduler_config.get_scheduler_cls()(
+            vllm_config=cfg, kv_cache_config=kv_cfg, structured_output_manager=StructuredOutputManager(cfg),
+            include_finished_set=False, log_stats=False, block_size=block_size, hash_block_size=hash_block_size)
+    hasher = None
+    if cfg.cache_config.enable_prefix_caching:
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+        fn = get_hash_fn_by_name(cfg.cache_config.prefix_caching_hash_algo)
+        init_none_hash(fn)
+        hasher = get_request_block_hasher(hash_block_size, fn)
+    return sched, hasher
+
+
+def new_request(req_id: str, prompt_token_ids: list[int], max_tokens: int, block_hasher, cache_salt: str):
+    """A V1 Request that generates exactly ``max_tokens`` tokens (EOS ignored); ``cache_salt`` keeps its
+    blocks apart from other requests' in the prefix cache."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    if _legacy():
+        return Request(request_id=req_id, prompt_token_ids=prompt_token_ids, multi_modal_kwargs=None,
+                       multi_modal_hashes=None, multi_modal_placeholders=None, sampling_params=params,
+                       pooling_params=None, eos_token_id=None, cache_salt=cache_salt, block_hasher=block_hasher)
+    return Request(request_id=req_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+                   pooling_params=None, cache_salt=cache_salt, block_hasher=block_hasher)
+
+
+def check_prompt_len(vllm_config, prompt_len: int) -> None:
+    """vLLM's own front-end check of a decoder prompt's length (DiagError with vLLM's message)."""
+    import copy
+    from types import SimpleNamespace
+
+    mc = copy.copy(vllm_config.model_config)
+    mc.skip_tokenizer_init = True  # the check is on the length only
+    try:
+        if _legacy():
+            from vllm.v1.engine.processor import Processor
+
+            Processor._validate_model_input(SimpleNamespace(model_config=mc), {"prompt_token_ids": [0] * prompt_len},
+                                            None, prompt_type="decoder")
+        else:
+            from vllm.v1.engine.input_processor import InputProcessor
+
+            InputProcessor._validate_prompt_len(
+                SimpleNamespace(model_config=mc, skip_prompt_length_check=False, supports_mm_inputs=False,
+                                mm_encoder_cache_size=0), prompt_len, "decoder")
+    except ValueError as e:
+        raise DiagError(f"vLLM would reject this request: {str(e).split('. Make sure')[0]}") from None
+
+
+def capture_sizes_flag() -> str:
+    """The serve flag that lists CUDA-graph capture sizes."""
+    return "--cuda-graph-sizes" if _legacy() else "--cudagraph-capture-sizes"
+
+
+def max_capture_size_flags(size: str) -> list[str]:
+    """Serve flags for a largest capture size (0.10.x: one --cuda-graph-sizes value means 1, 2, 4, 8.. N)."""
+    return ["--cuda-graph-sizes", size] if _legacy() else ["--max-cudagraph-capture-size", size]
+
+
+def batch_queue_size(vllm_config) -> int:
+    """How many scheduled steps the engine core keeps in flight: its executor's max_concurrent_batches
+    (0.20.2 with async scheduling: 2, so step k+1 is scheduled before step k's output is processed)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from vllm.v1.executor.abstract import Executor
+
+    prop = inspect.getattr_static(Executor.get_class(vllm_config), "max_concurrent_batches")
+    fn = getattr(prop, "fget", None) or prop.func  # a property on 0.10.x, a cached_property on 0.20
+    return fn(SimpleNamespace(parallel_config=vllm_config.parallel_config,
+                              scheduler_config=vllm_config.scheduler_config))
+
+def runner_output(req_ids: list[str], sampled: list[list[int]]):
+    """The ModelRunnerOutput a worker returns for one step (sampled tokens only)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    index = {r: i for i, r in enumerate(req_ids)}
+    if _legacy():
+        return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled,
+                                 spec_token_ids=None, logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
+    return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled)
 
 
 # --- moe ---
@@ -312,8 +483,8 @@ def moe_experts(layer, num_tokens: int):
         from vllm.model_executor.layers.fused_moe.cutlass_moe import CutlassExpertsFp8
 
         if getattr(qm, "use_cutlass", False) and not (qm.is_fp8_w8a8_sm100 and num_tokens <= 8):
-            return CutlassExpertsFp8(layer.quant_method.moe.in_dtype, qm.input_quant.strategy == "token",
-                                     qm.weight_quant.strategy == "channel")
+            return CutlassExpertsFp8(qm.moe.in_dtype, _ct_strategy(qm, "input_quant") == "token",
+                                     _ct_strategy(qm, "weight_quant") == "channel")
         return triton_experts(layer)
     cls = getattr(qm, "experts_cls", None)
     if cls is None:
@@ -336,8 +507,16 @@ def triton_experts(layer):
     qm = layer.quant_method
     if _legacy():
         fp8 = layer.w13_weight.dtype == torch.float8_e4m3fn
-        return TritonExperts(use_fp8_w8a8=fp8, per_act_token_quant=fp8 and qm.input_quant.strategy == "token")
+        block = getattr(qm, "weight_block_size", None) or getattr(getattr(qm, "quant_config", None),
+                                                                   "weight_block_size", None)
+        per_token = fp8 and _ct_strategy(qm, "input_quant") == "token"
+        return TritonExperts(use_fp8_w8a8=fp8, per_act_token_quant=per_token, block_shape=block)
     return TritonExperts(dataclasses.replace(qm.moe, device=torch.device("meta")), _moe_quant_config(layer))
+
+
+def _ct_strategy(qm, which: str) -> str | None:
+    """A compressed-tensors method's input/weight quantization strategy (None for other methods)."""
+    return getattr(getattr(qm, which, None), "strategy", None)
 
 
 def triton_config_dtype(experts, act_dtype) -> str | None:
@@ -355,12 +534,12 @@ def experts_workspaces(experts, layer, num_tokens: int) -> dict:
     """vLLM's own workspace_shapes for ``num_tokens`` (per activation chunk where the version chunks)."""
     import torch
 
-    E, N, K = layer.w13_weight.shape[0], layer.w13_weight.shape[1], layer.hidden_size
+    N, K = layer.w13_weight.shape[1], layer.hidden_size
     chunk = moe_chunk_size()
     m = min(num_tokens, chunk) if chunk and experts.supports_chunking() else num_tokens
     args = (N, K, layer.top_k, layer.global_num_experts, layer.local_num_experts, None)
     if _legacy():
-        a = torch.empty(num_tokens, K, dtype=layer.quant_method.moe.in_dtype, device="meta")
+        a = torch.empty(num_tokens, K, dtype=layer.quant_method.moe.in_dtype, device="meta")  # dtype carrier
         ws13, ws2, _, dtype = experts.workspace_shapes(a, a, m, *args)
         out = experts.workspace_shapes(a, a, num_tokens, *args)[2]
     else:
@@ -379,3 +558,57 @@ def moe_chunk_size() -> int | None:
     import vllm.envs as envs
 
     return envs.VLLM_FUSED_MOE_CHUNK_SIZE if envs.VLLM_ENABLE_FUSED_MOE_ACTIVATION_CHUNKING else None
+
+
+
+# --- kill switches ---
+
+def kill_switches(vllm_config, attention: str) -> dict[str, tuple[list[str], dict[str, str]] | str]:
+    """This vLLM's spelling of each kill switch as (serve flags, env vars), or why the version has none.
+
+    ``attention``: the attention backend the scenario runs (the switch picks another one).
+    Checked against vLLM's parser and resolved config by diaglib.switches.verify.
+    """
+    mnbt = vllm_config.scheduler_config.max_num_batched_tokens
+    common = {
+        "enforce-eager": (["--enforce-eager"], {}),
+        "budget+1": (["--max-num-batched-tokens", str(mnbt + 1)], {}),
+        "budget-1": (["--max-num-batched-tokens", str(mnbt - 1)], {}),
+        "pad-off": "VLLM_DISABLE_PAD_FOR_CUDAGRAPH exists in neither 0.10.1.1 nor 0.20.2",
+    }
+    if _legacy():
+        other = "FLASH_ATTN_VLLM_V1" if attention.startswith("TRITON") else "TRITON_ATTN_VLLM_V1"
+        return {**common,
+                "compile-off": (["-O", "0"], {}),
+                "cudagraph-off": (["-O.cudagraph_mode=NONE"], {}),
+                # -O.backend=eager is accepted but ignored at level 3 (PIECEWISE reads use_inductor).
+                "inductor-off": (["-O.use_inductor=False"], {}),
+                "chunked-prefill-off": "the V1 engine of 0.10 forces chunked prefill on "
+                                       "(EngineArgs._set_default_args_v1 overrides --no-enable-chunked-prefill)",
+                "async-off": "async scheduling is off by default on 0.10",
+                "moe-chunk-off": ([], {"VLLM_ENABLE_FUSED_MOE_ACTIVATION_CHUNKING": "0"}),
+                "moe-chunk-half": ([], {"VLLM_FUSED_MOE_CHUNK_SIZE": str(max(mnbt // 2, 1))}),
+                "moe-backend": "no switch: sm90 FP8 compressed-tensors MoE always takes CUTLASS "
+                               "(use_cutlass is checked before VLLM_TEST_FORCE_FP8_MARLIN in apply)",
+                "attention-backend": ([], {"VLLM_ATTENTION_BACKEND": other})}
+    other = "FLASH_ATTN" if attention.startswith("TRITON") else "TRITON_ATTN"
+    return {**common,
+            "compile-off": (["-cc.mode=0"], {}),
+            "cudagraph-off": (["-cc.cudagraph_mode=NONE"], {}),
+            "inductor-off": (["-cc.backend=eager"], {}),
+            # Without chunking vLLM requires max_model_len <= max_num_batched_tokens.
+            "chunked-prefill-off": (["--no-enable-chunked-prefill", "--max-model-len", str(mnbt)], {}),
+            "async-off": (["--no-async-scheduling"], {}),
+            "moe-chunk-off": "fused-MoE activation chunking was removed (no VLLM_ENABLE_FUSED_MOE_ACTIVATION_CHUNKING)",
+            "moe-chunk-half": "fused-MoE activation chunking was removed (no VLLM_FUSED_MOE_CHUNK_SIZE)",
+            "moe-backend": (["--moe-backend", "triton"], {}),
+            "attention-backend": (["--attention-backend", other], {})}
+
+
+def fresh_attention_backend(vllm_config) -> str:
+    """attention_backend() after clearing vLLM's selector cache (it does not key on VLLM_ATTENTION_BACKEND)."""
+    if _legacy():
+        from vllm.attention.selector import _cached_get_attn_backend
+
+        _cached_get_attn_backend.cache_clear()
+    return attention_backend(vllm_config)

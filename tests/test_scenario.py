@@ -65,6 +65,11 @@ def test_what_if_gpu_reaches_vllm_platform(scenario):
     scn.load(cmd=SEED_CMD, gpu="NVIDIA H20")  # leave the session's GPU as it was
 
 
+def test_other_gpu_takes_its_own_memory_not_the_files(scenario_name):
+    assert scn.load(scenario_name, gpu="NVIDIA H200").gpu.memory_mib == gpu_spec("NVIDIA H200").memory_mib
+    scn.load(scenario_name)  # leave the session's GPU as it was
+
+
 def test_derive_appends_flags_and_vllm_re_resolves(scenario):
     eager = scenario.derive("--enforce-eager")
     assert eager.vllm_config.model_config.enforce_eager

@@ -1,0 +1,331 @@
+"""Adaptive kill-switch and token-count bisection of a fault, independent of how a run is executed.
+
+The oracle ``run(switches, tokens)`` runs the failing probe with a set of kill switches at a prompt
+length and answers with an outcome: a bool (True: the run faulted), an outcome name ("ok" passes), or
+an object or dict with an ``outcome`` field (diaglib.live.classify.Outcome, a store record). Only "ok"
+counts as avoiding the fault; another failure (say an OOM under --enforce-eager) does not, and is
+reported. Results already known (the store) are never re-run.
+
+Assumed: switches only remove optimisations (a superset of an avoiding set avoids too), and the
+failing token counts around the failing probe form one interval. Runs, at most, for k candidate
+switches and the token interval [lo, hi] around the failing count t (``max_runs_for``):
+``k + 1`` (all switches on, then drop one at a time, broadest first) plus
+``1 + ceil(log2(t - lo))`` below t (t - 1 first: boundaries are usually exact) plus
+``1 + ceil(log2(hi - t))`` above t, plus 1 for the failing probe itself unless it is known.
+With k >= 4 candidates and the default range 1..t+1 this stays within 2k + log2(range) runs (the
+failing probe given). If all switches on fail differently (a switch brings its own failure, say an OOM),
+each single switch is left out in turn until a set passes: up to k more runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from .errors import DiagError
+
+Oracle = Callable[[frozenset, int], Any]
+
+
+def outcome_name(result: Any) -> str:
+    """The outcome name of an oracle answer ("ok" or a failure name; True means "fault")."""
+    if isinstance(result, bool):
+        return "fault" if result else "ok"
+    if isinstance(result, str):
+        return result
+    if isinstance(result, Mapping) and "outcome" in result:
+        return str(result["outcome"])
+    if hasattr(result, "outcome"):
+        return str(result.outcome)
+    raise DiagError(f"an oracle answered {type(result).__name__}; expected bool, outcome name or Outcome")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One (switches, tokens) point: its outcome, and whether it was run now or known before."""
+
+    switches: frozenset
+    tokens: int
+    outcome: str
+    ran: bool
+
+
+@dataclass
+class BisectResult:
+    """What the bisection found (None where nothing was found within the range or the budget)."""
+
+    tokens: int
+    fault: str
+    candidates: tuple[str, ...]
+    minimal: frozenset | None = None
+    passing_below: int | None = None
+    failing_low: int | None = None
+    failing_high: int | None = None
+    passing_above: int | None = None
+    token_range: tuple[int, int] = (1, 1)
+    complete: bool = True
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def runs(self) -> int:
+        """Oracle calls made by this bisection (known results excluded)."""
+        return sum(t.ran for t in self.trials)
+
+    @property
+    def pair(self) -> tuple[int, int] | None:
+        """The closest (passing, failing) token counts: the edge nearest the failing probe."""
+        edges = []
+        if self.passing_below is not None:
+            edges.append((self.tokens - self.passing_below, (self.passing_below, self.failing_low)))
+        if self.passing_above is not None:
+            edges.append((self.passing_above - self.tokens, (self.passing_above, self.failing_high)))
+        return min(edges)[1] if edges else None
+
+    def side_effects(self) -> dict[frozenset, str]:
+        """Switch sets that changed the failure into another failure (not "ok", not the original fault)."""
+        return {t.switches: t.outcome for t in self.trials
+                if t.tokens == self.tokens and t.switches and t.outcome not in ("ok", self.fault)}
+
+    def frame(self) -> pd.DataFrame:
+        """The trials in order: switches (sorted, '+'-joined), tokens, outcome, ran."""
+        return pd.DataFrame([{"switches": ",".join(sorted(t.switches)) or "(none)", "tokens": t.tokens,
+                              "outcome": t.outcome, "avoided": t.outcome == "ok", "ran": t.ran}
+                             for t in self.trials], columns=["switches", "tokens", "outcome", "avoided", "ran"])
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.tokens, "fault": self.fault, "candidates": list(self.candidates),
+                "minimal": sorted(self.minimal) if self.minimal is not None else None,
+                "passing_below": self.passing_below, "failing_low": self.failing_low,
+                "failing_high": self.failing_high, "passing_above": self.passing_above,
+                "pair": list(self.pair) if self.pair else None, "token_range": list(self.token_range),
+                "complete": self.complete, "runs": self.runs,
+                "known_used": sum(not t.ran for t in self.trials),
+                "side_effects": {",".join(sorted(k)): v for k, v in self.side_effects().items()}}
+
+
+class _OutOfRuns(Exception):
+    pass
+
+
+class _Memo:
+    """Known and new results; runs the oracle only for points it has not seen, within the budget."""
+
+    def __init__(self, run: Oracle, known: Iterable[tuple[Iterable[str], int, Any]], max_runs: int | None):
+        self.run, self.max_runs, self.ran = run, max_runs, 0
+        self.seen: dict[tuple[frozenset, int], str] = {}
+        for switches, tokens, result in known:
+            self.seen[(frozenset(switches), int(tokens))] = outcome_name(result)
+        self.trials: list[Trial] = []
+
+    def outcome(self, switches: frozenset, tokens: int) -> str:
+        key = (switches, tokens)
+        if key in self.seen:
+            if not any(t.switches == switches and t.tokens == tokens for t in self.trials):
+                self.trials.append(Trial(switches, tokens, self.seen[key], ran=False))
+            return self.seen[key]
+        if self.max_runs is not None and self.ran >= self.max_runs:
+            raise _OutOfRuns
+        self.ran += 1
+        name = outcome_name(self.run(switches, tokens))
+        self.seen[key] = name
+        self.trials.append(Trial(switches, tokens, name, ran=True))
+        return name
+
+    def passes(self, switches: frozenset, tokens: int) -> bool:
+        return self.outcome(switches, tokens) == "ok"
+
+
+def bisect(run: Oracle, tokens: int, candidates: Sequence[str], *, token_range: tuple[int, int] | None = None,
+           known: Iterable[tuple[Iterable[str], int, Any]] = (), max_runs: int | None = None) -> BisectResult:
+    """Find a minimal set of ``candidates`` avoiding the fault at ``tokens``, and the nearest passing counts.
+
+    ``candidates``: kill-switch names, broadest first (the broad ones are dropped first, so the narrowest
+    switch that suffices is what remains). ``token_range``: (lo, hi) searched around ``tokens``
+    (default: 1 .. tokens + 1). ``known``: (switches, tokens, result) already measured; the failing
+    probe itself must be failing there or is run first. ``max_runs``: stop early (result incomplete).
+    """
+    lo, hi = token_range or (1, tokens + 1)
+    if not lo <= tokens <= hi or lo < 1:
+        raise DiagError(f"the token range {lo}..{hi} must hold the failing count {tokens} and start at >= 1")
+    names = tuple(candidates)
+    if len(set(names)) != len(names):
+        raise DiagError(f"duplicate kill switches: {sorted({n for n in names if names.count(n) > 1})}")
+    memo = _Memo(run, known, max_runs)
+    base = frozenset()
+    try:
+        fault = memo.outcome(base, tokens)
+    except _OutOfRuns:
+        raise DiagError("max_runs leaves no run for the failing probe itself") from None
+    if fault == "ok":
+        raise DiagError(f"the probe at {tokens} tokens passes without kill switches: nothing to bisect")
+    result = BisectResult(tokens=tokens, fault=fault, candidates=names, token_range=(lo, hi))
+    try:
+        result.minimal = _minimal_switches(memo, tokens, names, fault)
+        result.passing_below, result.failing_low = _edge(memo, tokens, lo, -1)
+        result.passing_above, result.failing_high = _edge(memo, tokens, hi, +1)
+    except _OutOfRuns:
+        result.complete = False
+    result.trials = memo.trials
+    return result
+
+
+def _minimal_switches(memo: _Memo, tokens: int, names: tuple[str, ...], fault: str) -> frozenset | None:
+    """All switches on; if that avoids the fault, drop each switch the rest can do without."""
+    if not names:
+        return None
+    current = frozenset(names)
+    outcome = memo.outcome(current, tokens)
+    if outcome == fault:
+        return None
+    if outcome != "ok":  # a switch fails on its own: find one whose absence lets the rest pass
+        current = next((current - {n} for n in names if memo.passes(current - {n}, tokens)), None)
+        if current is None:
+            return None
+    for name in names:
+        if name not in current:
+            continue
+        trial = current - {name}
+        if memo.passes(trial, tokens):  # the empty set is known failing: never re-run
+            current = trial
+    return current
+
+
+def _edge(memo: _Memo, tokens: int, bound: int, step: int) -> tuple[int | None, int]:
+    """The nearest passing count from ``tokens`` towards ``bound`` (None: all fail) and the failing count next to it."""
+    base = frozenset()
+    failing = tokens
+    if tokens == bound:
+        return None, failing
+    first = tokens + step
+    if memo.passes(base, first):
+        return first, failing
+    failing = first
+    # Bisection between the nearest known failing count and one past the bound (a virtual pass).
+    passing = bound + step
+    while abs(passing - failing) > 1:
+        mid = (passing + failing) // 2
+        if memo.passes(base, mid):
+            passing = mid
+        else:
+            failing = mid
+    return (None if passing == bound + step else passing), failing
+
+
+def max_runs_for(k: int, tokens: int, token_range: tuple[int, int], *, failing_known: bool = False) -> int:
+    """The worst-case number of runs of ``bisect`` for k well-behaved candidates (module docstring)."""
+    lo, hi = token_range
+    below = 0 if tokens == lo else 1 + math.ceil(math.log2(max(tokens - lo, 1)))
+    above = 0 if tokens == hi else 1 + math.ceil(math.log2(max(hi - tokens, 1)))
+    return (k + 1 if k else 0) + below + above + (0 if failing_known else 1)
+
+
+# --- live runs (diaglib.live) -------------------------------------------------------------------------
+
+def run_name(prefix: str, switches: Iterable[str]) -> str:
+    """The store's run name for one switch set: ``PREFIX/base`` or ``PREFIX/a,b``."""
+    return f"{prefix}/{','.join(sorted(switches)) or 'base'}"
+
+
+def store_prefix(sc) -> str:
+    """A stable run-name prefix for a scenario (same command, GPU and vLLM -> same prefix)."""
+    import hashlib
+
+    digest = hashlib.sha1(f"{sc.command}|{sc.gpu.name}|{sc.gpu.count}|{sc.vllm_version}".encode()).hexdigest()
+    return f"bisect-{digest[:10]}"
+
+
+def known_from_store(path, prefix: str, base_spec: dict | None = None) -> list[tuple[frozenset, int, str]]:
+    """Single-prompt probe results already in the store: this prefix's runs, and (if ``base_spec``, an
+    EngineSpec.as_dict()) other runs' plain probes on an engine built exactly like the switch-free one."""
+    from .live import store
+
+    records = store.read(path)
+    engines = {(r.get("run"), r.get("engine_id")): r.get("spec") for r in records if r.get("type") == "engine"}
+    out = []
+    for r in records:
+        prompts = (r.get("probe") or {}).get("prompts") or []
+        if r.get("type") != "probe" or len(prompts) != 1:
+            continue
+        run = r.get("run", "")
+        if run.startswith(prefix + "/"):
+            tail = run[len(prefix) + 1:]
+            out.append((frozenset() if tail == "base" else frozenset(tail.split(",")), prompts[0], r["outcome"]))
+        elif (base_spec is not None and not r["probe"].get("planted")
+              and engines.get((run, r.get("engine_id"))) == base_spec):
+            out.append((frozenset(), prompts[0], r["outcome"]))
+    return out
+
+
+def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: list[int] | None = None,
+                probe_timeout_s: float = 600, ready_timeout_s: float = 1800, make_probe=None, engine=None) -> Oracle:
+    """An oracle running one exact-length probe per call on the GPU, crash-isolated, recorded in the store.
+
+    A switch set vLLM rejects for this scenario answers "rejected" (counts as not avoiding the fault).
+    ``make_probe(tokens, switches) -> Probe`` (key ``p<tokens>``): instead of one plain prompt, e.g. a
+    planted fault;
+    ``engine``: an EngineSpec to append the switches' flags to, instead of one planned from the scenario.
+    """
+    import dataclasses
+
+    from . import switches as sw
+    from .live import probe, store
+    from .live.engine import plan
+    from .live.observe import gpu_count
+
+    def run(switches: frozenset, tokens: int) -> str:
+        flags, env = sw.apply(sc, switches)
+        with sw.with_env(env):
+            try:
+                sc.derive(*flags)
+            except DiagError:
+                return "rejected"
+        if engine is None:
+            spec = plan(sc.command, models=sc.models, gpus=len(gpus) if gpus else max(gpu_count(), 1),
+                        flags=flags, weights=weights)
+        else:
+            spec = dataclasses.replace(engine, argv=list(engine.argv) + flags, env=dict(engine.env))
+        spec.env.update(env)
+        name = run_name(prefix, switches)
+        probes = [make_probe(tokens, switches)] if make_probe else probe.exact([tokens])
+        probe.run(probes, spec, store_path=store_path, run_name=name, gpus=gpus,
+                  probe_timeout_s=probe_timeout_s, ready_timeout_s=ready_timeout_s)
+        rows = store.probes(store_path, name)
+        hit = rows[rows.key == f"p{tokens}"]
+        if hit.empty:
+            raise DiagError(f"the probe runner recorded no result for {tokens} tokens in run {name}")
+        return str(hit.outcome.iloc[-1])
+
+    return run
+
+
+def describe(result: BisectResult, sc) -> tuple[dict, str]:
+    """JSON-ready data and text for a bisection of scenario ``sc``: minimal set, its flags, layer, pair."""
+    from . import switches as sw
+
+    data = result.as_dict()
+    data["implicated"] = sw.implicated(result.minimal) if result.complete else None
+    data["minimal_flags"] = sw.apply(sc, result.minimal) if result.minimal else None
+    lines = [f"fault at {result.tokens} tokens: {result.fault}   (vLLM {sc.vllm_version}, {sc.command})"]
+    if not result.complete:
+        lines.append("INCOMPLETE: the run budget ran out or no GPU is here; what is known so far:")
+    if result.minimal is not None:
+        flags, env = data["minimal_flags"]
+        spelled = " ".join(flags + [f"{k}={v}" for k, v in env.items()])
+        lines.append(f"minimal kill switches: {', '.join(sorted(result.minimal))}   ({spelled})")
+    if data["implicated"]:
+        lines.append(f"implicated: {data['implicated']}")
+    if result.pair:
+        lines.append(f"closest pair: {result.pair[0]} passes, {result.pair[1]} fails")
+    lo, hi = result.token_range
+    below = result.passing_below if result.passing_below is not None else f"none in {lo}..{result.tokens}"
+    above = result.passing_above if result.passing_above is not None else f"none in {result.tokens}..{hi}"
+    if result.failing_low is not None and result.failing_high is not None:
+        lines.append(f"failing counts {result.failing_low}..{result.failing_high}; nearest passing below: {below}, "
+                     f"above: {above}")
+    for s, outcome in data["side_effects"].items():
+        lines.append(f"note: with {s} the run ended in {outcome} instead (not counted as avoiding the fault)")
+    lines.append(f"runs: {result.runs} new, {data['known_used']} from the store")
+    lines.append(result.frame().to_string(index=False))
+    return data, "\n".join(lines)

@@ -1,0 +1,215 @@
+"""Known classes of vLLM token-boundary crashes and cliffs (data/known_issues.json), matched to a scenario.
+
+Each class names a predicate here; the predicate reads vLLM's resolved config and diaglib's MoE
+analysis for the scenario and answers whether the class applies, why, and at which token count.
+"""
+from __future__ import annotations
+
+import json
+from functools import cached_property
+
+import pandas as pd
+
+from . import layers, moe, versions
+from .errors import DiagError
+from .paths import DATA
+from .scenario import Scenario
+
+CATALOG = DATA / "known_issues.json"
+
+
+def catalog() -> list[dict]:
+    """The bug classes as stored in data/known_issues.json."""
+    try:
+        data = json.loads(CATALOG.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DiagError(f"{CATALOG}: cannot read the known-issue catalog: {e}") from None
+    for c in data["classes"]:
+        if c["predicate"] not in PREDICATES:
+            raise DiagError(f"{CATALOG}: class {c['id']!r} names an unknown predicate {c['predicate']!r}")
+    return data["classes"]
+
+
+def link(repo: str, number: int) -> str:
+    """GitHub link for an issue or PR (GitHub redirects /issues/N to /pull/N for pull requests)."""
+    return f"https://github.com/{repo}/issues/{number}"
+
+
+class _Facts:
+    """What the predicates ask about one scenario, each computed once."""
+
+    def __init__(self, sc: Scenario):
+        self.sc = sc
+        self.mnbt = sc.vllm_config.scheduler_config.max_num_batched_tokens
+        self.comp = versions.compilation_summary(sc.vllm_config)
+        self.layer = layers.build_moe_layer(sc)
+
+    @cached_property
+    def launches(self) -> dict:
+        return moe.launches(self.sc, self.mnbt)
+
+    @cached_property
+    def thresholds(self) -> pd.DataFrame:
+        return moe.int32_thresholds(self.sc).dropna(subset=["tokens"])
+
+    def first_threshold(self, path: str | None = None, buffer: str | None = None):
+        t = self.thresholds
+        t = t[(t["path"] == path) if path else t["path"] != "input"]
+        if buffer:
+            t = t[t["buffer"] == buffer]
+        return None if t.empty else t.loc[t["tokens"].idxmin()]
+
+
+def _no_moe(f: _Facts):
+    return False, "the model has no MoE layers", None
+
+
+def moe_triton_int32(f: _Facts):
+    if f.layer is None:
+        return _no_moe(f)
+    classic = moe.classic_overflow_tokens(f.sc)
+    chunk = versions.moe_chunk_size()
+    path = f.launches["selected_path"]
+    where = "the selected kernel" if path == "triton" else f"only if the Triton path is forced (selected: {path})"
+    if moe.offs_token_int64():
+        return False, (f"fused_moe_kernel casts offs_token to int64 here; unfixed kernels overflow from "
+                       f"M = {classic}"), classic
+    if chunk and chunk < classic:
+        return False, (f"offs_token is int32 in fused_moe_kernel, but activation chunks of {chunk} tokens keep "
+                       f"M below {classic}"), classic
+    hit = f.mnbt >= classic
+    return hit, (f"offs_token is int32 in fused_moe_kernel: overflow from M = {classic} tokens per step "
+                 f"({'within' if hit else 'beyond'} max_num_batched_tokens {f.mnbt}); {where}"), classic
+
+
+def any_buffer_int32(f: _Facts):
+    if f.layer is None:
+        return _no_moe(f)
+    row = f.first_threshold()
+    if row is None:
+        return False, "no MoE buffer passes INT32_MAX elements at any token count scanned", None
+    t = int(row["tokens"])
+    return f.mnbt >= t, (f"{row['path']}.{row['buffer']} passes INT32_MAX elements from {t} tokens per step "
+                         f"(max_num_batched_tokens {f.mnbt})"), t
+
+
+def inductor_32bit(f: _Facts):
+    if f.comp["compile_backend"] != "inductor":
+        return False, f"compile backend {f.comp['compile_backend']}: no Inductor kernels", None
+    if f.layer is None:
+        return False, "no MoE buffers analysed for this model", None
+    lb = f.launches["largest_buffer"]
+    over = lb["max_offset"] > moe.INT32_MAX
+    row = f.first_threshold()
+    return over, (f"largest MoE intermediate at {f.mnbt} tokens: {lb['path']}.{lb['buffer']} {lb['shape']} = "
+                  f"{lb['frac_2_31']:.3f} x 2^31"), (int(row["tokens"]) if row is not None else None)
+
+
+def compile_range_edge(f: _Facts):
+    ranges = f.comp["compile_ranges"]
+    if not ranges:
+        return False, f"compile mode {f.comp['compile_mode']}: no compiled ranges", None
+    ends = sorted({b for _, b in ranges})
+    return True, (f"compiled for token ranges {', '.join(f'[{a}, {b}]' for a, b in ranges)}; a step of exactly "
+                  f"{ends[-1]} tokens sits on the last range's edge"), ends[-1]
+
+
+def moe_chunking(f: _Facts):
+    chunk = versions.moe_chunk_size()
+    if f.layer is None:
+        return _no_moe(f)
+    if not chunk:
+        return False, "this vLLM version has no MoE activation chunking", None
+    return f.mnbt > chunk, f"VLLM_FUSED_MOE_CHUNK_SIZE {chunk} vs max_num_batched_tokens {f.mnbt}", chunk + 1
+
+
+def at_budget(f: _Facts):
+    sc = f.sc.vllm_config.scheduler_config
+    example = ", e.g. a prompt of that length with chunked prefill" if sc.enable_chunked_prefill else ""
+    return True, (f"a single step can hold exactly max_num_batched_tokens = {f.mnbt} tokens (the profile-run "
+                  f"size){example}"), f.mnbt
+
+
+def cudagraph_edge(f: _Facts):
+    if f.comp["cudagraph_mode"] == "NONE" or not f.comp["cudagraph_capture_sizes"]:
+        return False, "CUDA graphs are off", None
+    top = f.comp["max_cudagraph_capture_size"]
+    return f.mnbt > top, (f"largest capture size {top}: steps of {top + 1}..{f.mnbt} tokens run without a graph "
+                          "and without padding"), top + 1
+
+
+def chunked_prefill(f: _Facts):
+    sch = f.sc.vllm_config.scheduler_config
+    if not sch.enable_chunked_prefill:
+        return False, "chunked prefill is off", None
+    bs, mml = f.sc.vllm_config.cache_config.block_size, f.sc.vllm_config.model_config.max_model_len
+    return True, (f"prompts longer than {f.mnbt} are split; block-size ({bs}) multiples and max_model_len {mml} "
+                  "are edges"), f.mnbt + 1
+
+
+def fp8_block_alignment(f: _Facts):
+    if f.layer is None:
+        return _no_moe(f)
+    block = getattr(f.layer.quant_method, "weight_block_size", None)
+    if not block:
+        return False, "MoE weights are not block-quantized", None
+    n = f.layer.intermediate_size_per_partition
+    return n % block[0] != 0, f"per-rank intermediate {n} vs weight block_n {block[0]}", None
+
+
+def profile_run(f: _Facts):
+    if f.layer is None:
+        return _no_moe(f)
+    return True, f"the profile run sends M = {f.mnbt} tokens through every MoE layer at start-up", f.mnbt
+
+
+def moe_grid(f: _Facts):
+    if f.layer is None:
+        return _no_moe(f)
+    g = f.launches["grids"]
+    worst = g.loc[g["frac_limit"].idxmax()]
+    return False, (f"fused_moe_kernel grid at {f.mnbt} tokens: {worst['grid']} ({worst['frac_limit']:.2e} of the "
+                   "x limit; M is not on grid.y in this kernel)"), None
+
+
+def always(f: _Facts):
+    return True, "applies to every illegal memory access: locate the faulting kernel before blaming a frame", None
+
+
+def perf_cliff(f: _Facts):
+    why, hit = [], False
+    if f.comp["cudagraph_mode"] != "NONE" and f.comp["cudagraph_capture_sizes"]:
+        top = f.comp["max_cudagraph_capture_size"]
+        hit |= f.mnbt > top
+        why.append(f"no CUDA graph above {top} tokens")
+    if f.layer is not None and f.launches["selected_path"] == "triton" and not f.launches["triton_config"]["found"]:
+        hit = True
+        why.append("Triton MoE runs vLLM's default config (no tuned file)")
+    return hit, "; ".join(why) or "no cliff found", None
+
+
+def version_listed(f: _Facts, cls: dict):
+    v = f.sc.vllm_version
+    hit = v in cls.get("versions", [])
+    return hit, f"seen on vLLM {', '.join(cls.get('versions', []))}; this is {v}", None
+
+
+PREDICATES = {fn.__name__: fn for fn in (
+    moe_triton_int32, any_buffer_int32, inductor_32bit, compile_range_edge, moe_chunking, at_budget,
+    cudagraph_edge, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always, perf_cliff,
+    version_listed)}
+
+
+def match(sc: Scenario) -> pd.DataFrame:
+    """Every known class against the scenario: id, title, applies, why, threshold_tokens, formula, links."""
+    facts = _Facts(sc)
+    rows = []
+    for c in catalog():
+        fn = PREDICATES[c["predicate"]]
+        applies, why, tokens = fn(facts, c) if fn is version_listed else fn(facts)
+        rows.append({"id": c["id"], "title": c["title"], "applies": bool(applies), "why": why,
+                     "threshold_tokens": tokens, "formula": c["threshold"], "affected": c["affected"],
+                     "fixed": c["fixed"], "links": [link(r, n) for r, n in c["refs"]]})
+    df = pd.DataFrame(rows)
+    df["threshold_tokens"] = df["threshold_tokens"].astype("Int64")
+    return df

@@ -1,0 +1,288 @@
+"""The probe child: builds one engine, then runs the probes the parent sends, one at a time.
+
+Protocol: ``python -m diaglib.live.child JOB.json``; probes arrive as JSON lines on stdin, and each answer
+goes as one JSON line to the file descriptor named by DIAGLIB_PROTO_FD (stdout and stderr are the log).
+The first answer is ``{"event": "ready", ...}``; a fault ends the child, and the parent starts a fresh one.
+vLLM runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so its scheduler and model runner can be
+watched: the tokens each scheduler step scheduled, and the graph mode of each forward pass.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+from . import observe, planted
+
+_REQ = re.compile(r"^r(\d+)")
+
+
+def token_ids(n: int, vocab: int, key: str, index: int) -> list[int]:
+    """``n`` prompt token ids in [1, vocab), fixed by (key, index) and distinct between probes (no prefix hits)."""
+    import numpy as np
+
+    seed = zlib.crc32(f"{key}/{index}".encode())
+    return np.random.default_rng(seed).integers(1, vocab, size=n).tolist()
+
+
+class NoEngine:
+    """A child without a model: runs planted faults only (CPU tests)."""
+
+    vocab = 0
+    dirty = False
+
+    def info(self) -> dict:
+        return {"engine": "none"}
+
+    def run(self, probe: dict) -> dict:
+        _maybe_planted(probe)
+        return {"status": "ok", "steps": [], "forwards": []}
+
+
+def _maybe_planted(probe: dict) -> None:
+    p = probe.get("planted")
+    if not p:
+        return
+    if p["fault"] in planted.CPU_FAULTS:
+        planted.cpu_fault(p["fault"])
+    elif p["fault"] == "oob_write":
+        planted.oob_write(int(p.get("m", sum(probe.get("prompts", [])))), int(p["threshold"]))
+    elif p["fault"] != "oob_in_forward":
+        raise ValueError(f"unknown planted fault {p['fault']!r}")
+
+
+class VllmEngine:
+    """vLLM's LLMEngine built in this process from the serve argv, with its scheduler and runner watched."""
+
+    def __init__(self, spec: dict):
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from .engine import engine_args
+
+        self.engine = LLMEngine.from_engine_args(engine_args(spec["argv"]),
+                                                 usage_context=UsageContext.OPENAI_API_SERVER,
+                                                 enable_multiprocessing=False)
+        self.core = self.engine.engine_core.engine_core
+        self.vllm_config = self.core.vllm_config
+        self.vocab = int(spec.get("vocab") or self.vllm_config.model_config.get_vocab_size())
+        self.rec: dict | None = None
+        self.dirty = False
+        self.plant: dict | None = None  # a planted fault to launch inside the forward pass
+        self.graphs_on = getattr(self.vllm_config.compilation_config.cudagraph_mode, "name", "NONE") != "NONE"
+        self._watch_scheduler()
+        self._watch_forwards()
+
+    def _watch_scheduler(self) -> None:
+        sched = self.core.scheduler
+        orig = sched.schedule
+
+        def schedule(*a, **kw):
+            out = orig(*a, **kw)
+            if self.rec is not None:
+                per = {}
+                for rid, n in out.num_scheduled_tokens.items():
+                    m = _REQ.match(rid)
+                    per[m.group(1) if m else rid] = int(n)
+                self.rec["steps"].append({"total": int(out.total_num_scheduled_tokens), "per_prompt": per,
+                                          "t": round(time.monotonic() - self.rec["t0"], 4)})
+            return out
+
+        sched.schedule = schedule
+
+    def _watch_forwards(self) -> None:
+        import importlib
+
+        for name in ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.gpu.model_runner"):
+            try:
+                mod = importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the second runner exists in newer versions only
+                continue
+            orig = getattr(mod, "set_forward_context", None)
+            if orig is None:
+                continue
+
+            def wrapped(*a, _orig=orig, **kw):
+                if self.rec is not None:
+                    mode = kw.get("cudagraph_runtime_mode")
+                    desc = kw.get("batch_descriptor")
+                    self.rec["forwards"].append({
+                        "num_tokens": kw.get("num_tokens"),
+                        "mode": getattr(mode, "name", None if mode is None else str(mode)),
+                        "descriptor_tokens": getattr(desc, "num_tokens", None)})
+                    p = self.plant
+                    if p and self.graphs_on and kw.get("num_tokens") == int(p["tokens"]):
+                        planted.oob_write(int(p["tokens"]), int(p["tokens"]), sync=False)
+                return _orig(*a, **kw)
+
+            mod.set_forward_context = wrapped
+
+    def info(self) -> dict:
+        import torch
+
+        from .. import versions
+
+        c = self.vllm_config
+        free, total = torch.cuda.mem_get_info()
+        runner = self.engine.model_executor.driver_worker.worker.model_runner
+        return {
+            "engine": "vllm", "vllm": versions.installed(), "torch": torch.__version__,
+            "gpu_name": torch.cuda.get_device_name(), "vocab": self.vocab,
+            "compilation": versions.compilation_summary(c), "scheduler": versions.scheduler_summary(c),
+            "cache": versions.cache_summary(c), "num_gpu_blocks": c.cache_config.num_gpu_blocks,
+            "moe": _moe_classes(runner.get_model()), "free_gib": free / observe.GiB, "total_gib": total / observe.GiB,
+            "memory": observe.memory_summary(),
+        }
+
+    def run(self, probe: dict) -> dict:
+        import torch
+        from vllm import SamplingParams
+
+        prompts = [int(n) for n in probe.get("prompts", [])]
+        ids = [token_ids(n, self.vocab, probe["key"], i) for i, n in enumerate(prompts)]
+        bad = [i for i, t in enumerate(ids) if t and max(t) >= self.vocab]
+        if bad:  # class 14: vLLM would accept them and fault asynchronously
+            raise ValueError(f"prompt {bad[0]} has token ids >= the vocab {self.vocab}")
+        mt = probe.get("max_tokens", 2)
+        sps = [SamplingParams(max_tokens=int(n), ignore_eos=True, temperature=0.0, detokenize=False)
+               for n in (mt if isinstance(mt, list) else [mt] * len(prompts))]
+        arrivals = probe.get("arrivals") or [0] * len(prompts)
+        pending = sorted(zip(arrivals, range(len(prompts))))
+        torch.cuda.reset_peak_memory_stats()
+        p = probe.get("planted")
+        self.plant = p if p and p["fault"] == "oob_in_forward" else None
+        self.rec = rec = {"steps": [], "forwards": [], "t0": time.monotonic()}
+        self.dirty = bool(prompts) or bool(probe.get("planted"))
+        out_tokens = 0
+        with _profiled(probe.get("profile")) as prof:
+            try:
+                step = 0
+                while pending or self.engine.has_unfinished_requests():
+                    while pending and pending[0][0] <= step:
+                        _, i = pending.pop(0)
+                        self.engine.add_request(f"r{i}", {"prompt_token_ids": ids[i]}, sps[i])
+                    for o in self.engine.step():
+                        if o.finished:
+                            out_tokens += sum(len(c.token_ids) for c in o.outputs)
+                    step += 1
+                _maybe_planted(probe)
+                torch.cuda.synchronize()
+            finally:
+                self.rec = self.plant = None
+        self.dirty = False
+        result = {"status": "ok", "steps": rec["steps"], "forwards": rec["forwards"], "output_tokens": out_tokens,
+                  "probe_s": round(time.monotonic() - rec["t0"], 4)}
+        if prof is not None:
+            result["kernels"] = _kernel_rows(prof)
+        return result
+
+
+def _moe_classes(model) -> dict:
+    """Class names of the first FusedMoE layer's quant method and the expert kernels it holds."""
+    from vllm.model_executor.layers.fused_moe import FusedMoE
+
+    for m in model.modules():
+        if not isinstance(m, FusedMoE):
+            continue
+        qm = getattr(m, "quant_method", None)
+        found = {"layer": type(m).__name__, "quant_method": type(qm).__name__,
+                 "w13": list(getattr(m, "w13_weight").shape) if hasattr(m, "w13_weight") else None,
+                 "w2": list(getattr(m, "w2_weight").shape) if hasattr(m, "w2_weight") else None}
+        seen = set()
+
+        def walk(obj, path, depth):
+            for k, v in list(vars(obj).items()) if hasattr(obj, "__dict__") else []:
+                mod = type(v).__module__ or ""
+                if id(v) in seen or not mod.startswith("vllm.model_executor.layers.fused_moe"):
+                    continue
+                seen.add(id(v))
+                found[f"{path}.{k}"] = type(v).__name__
+                if depth:
+                    walk(v, f"{path}.{k}", depth - 1)
+
+        walk(qm, "quant_method", 2)
+        return found
+    return {}
+
+
+@contextlib.contextmanager
+def _profiled(on: bool):
+    if not on:
+        yield None
+        return
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield prof
+
+
+def _kernel_rows(prof, top: int = 60) -> list[dict]:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        table = observe.kernel_table(path)
+    keep = table.head(top)
+    moe = table[table.moe & ~table.index.isin(keep.index)]
+    import pandas as pd
+
+    return pd.concat([keep, moe]).to_dict("records")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child when the parent dies (a killed notebook leaves no GPU holder)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the stdin EOF still ends the loop
+        pass
+
+
+def _fatal(exc: BaseException, dirty: bool) -> bool:
+    """Whether the engine is unusable after ``exc``: any error once requests were in flight, or from CUDA."""
+    return dirty or not isinstance(exc, (ValueError, KeyError)) or "CUDA" in str(exc)
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    proto = os.fdopen(int(os.environ["DIAGLIB_PROTO_FD"]), "w", buffering=1)
+    _die_with_parent()
+
+    def send(msg: dict) -> None:
+        proto.write(json.dumps(msg, default=str) + "\n")
+        proto.flush()
+
+    t0 = time.monotonic()
+    spec = job["engine"]
+    runner = VllmEngine(spec) if spec["kind"] == "vllm" else NoEngine()
+    send({"event": "ready", "ready_s": round(time.monotonic() - t0, 3), "info": runner.info()})
+    for line in sys.stdin:
+        probe = json.loads(line)
+        t1 = time.monotonic()
+        try:
+            result = runner.run(probe)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then classified by the parent
+            tb = traceback.format_exc()
+            sys.stderr.write(tb)
+            sys.stderr.flush()
+            result = {"status": "error", "exc_type": type(e).__name__, "message": str(e)[:2000],
+                      "traceback": tb[-8000:], "fatal": _fatal(e, runner.dirty)}
+        result.setdefault("probe_s", round(time.monotonic() - t1, 4))
+        if spec["kind"] == "vllm":
+            result["memory"] = observe.memory_summary()
+        send({"event": "result", "key": probe["key"], **result})
+        if result.get("fatal"):
+            proto.close()
+            os._exit(3)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

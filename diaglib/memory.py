@@ -1,0 +1,177 @@
+"""The predicted per-GPU memory layout: weights (exact), KV cache (vLLM's sizing), activations (estimate).
+
+Weights come from vLLM's model built on the meta device for TP rank 0 (diaglib.layers): every parameter
+and buffer with its real shape and dtype, before process_weights_after_loading. KV blocks come from
+vLLM's own KV-cache sizing given the memory left. The profile-run activation peak, the CUDA-graph pool
+and non-torch memory cannot be measured without a GPU: they are estimates and say so (``kind``).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from . import layers, moe, versions
+from .scenario import Scenario
+
+GiB = 2**30
+NON_TORCH_BYTES = 1 * GiB  # guess: CUDA context extras, NCCL and cuBLAS workspaces outside torch's allocator
+
+_COMPONENTS = (  # (substring of the parameter name, component), first match wins
+    ("embed_tokens", "embedding"), ("lm_head", "lm_head"), (".self_attn.", "attention"),
+    (".mlp.experts.", "MoE routed experts"), (".mlp.shared_experts.", "MoE shared experts"),
+    (".mlp.gate.", "MoE router"), (".mlp.", "dense MLP"), ("norm", "norms"),
+)
+
+
+def component_of(name: str) -> str:
+    """The component a parameter of vLLM's model belongs to, by its module path."""
+    return next((c for key, c in _COMPONENTS if key in name), "other")
+
+
+def weights_by_component(sc: Scenario) -> pd.DataFrame:
+    """Exact per-rank weight bytes by component, from vLLM's model on the meta device (buffers included).
+
+    Columns: component, numel, bytes, GiB, dtypes. Works for any scenario, e.g. a one-rank stand-in at TP 1.
+    """
+    model = layers.build_model(sc)
+    rows = [{"component": component_of(n), "numel": p.numel(), "bytes": p.numel() * p.element_size(),
+             "dtype": str(p.dtype).removeprefix("torch.")} for n, p in model.named_parameters()]
+    rows += [{"component": "buffers (rotary caches etc.)", "numel": b.numel(), "bytes": b.numel() * b.element_size(),
+              "dtype": str(b.dtype).removeprefix("torch.")} for _, b in model.named_buffers()]
+    df = pd.DataFrame(rows)
+    out = df.groupby("component", sort=False).agg(numel=("numel", "sum"), bytes=("bytes", "sum"),
+                                                  dtypes=("dtype", lambda s: ", ".join(sorted(set(s)))))
+    out = out.sort_values("bytes", ascending=False).reset_index()
+    out["GiB"] = out["bytes"] / GiB
+    return out[["component", "numel", "bytes", "GiB", "dtypes"]]
+
+
+def weights_total_bytes(sc: Scenario) -> int:
+    """Exact per-rank weight bytes (parameters + buffers) of vLLM's model for this scenario."""
+    return int(weights_by_component(sc)["bytes"].sum())
+
+
+def kv_bytes_per_token(sc: Scenario) -> int:
+    """KV-cache bytes per token on one rank, all layers (vLLM's KV spec page size / block size x layers)."""
+    cfg = sc.vllm_config
+    spec = versions.kv_cache_spec(cfg)
+    return spec.page_size_bytes // spec.block_size * cfg.model_config.get_num_layers(cfg.parallel_config)
+
+
+def large_buffers(sc: Scenario, num_tokens: int | None = None) -> pd.DataFrame:
+    """The large transient buffers of one step at ``num_tokens`` (default max_num_batched_tokens), largest first.
+
+    MoE buffers are vLLM's sizes (diaglib.moe); the others are derived from the model's shapes.
+    Columns: buffer, shape, dtype, numel, bytes, frac_int32 (numel / INT32_MAX), source.
+    """
+    cfg = sc.vllm_config
+    mc, pc = cfg.model_config, cfg.parallel_config
+    n = num_tokens or cfg.scheduler_config.max_num_batched_tokens
+    heads, kv, hd = mc.get_num_attention_heads(pc), mc.get_num_kv_heads(pc), mc.get_head_size()
+    hidden, act = mc.get_hidden_size(), str(mc.dtype).removeprefix("torch.")
+    reqs = min(cfg.scheduler_config.max_num_seqs, n)
+    d = "derived: model shapes"
+    rows = [("hidden_states", (n, hidden), act, d), ("residual", (n, hidden), act, d),
+            ("qkv_proj out", (n, (heads + 2 * kv) * hd), act, d), ("attention out", (n, heads * hd), act, d),
+            ("logits (profile run: one per request)", (reqs, mc.get_vocab_size()), "float32",
+             f"derived: {reqs} dummy requests x vocab, fp32 in the sampler"),
+            ("input_ids", (n,), "int32", "derived: model-runner buffer"),
+            ("positions", (n,), "int64", "derived: model-runner buffer")]
+    df = pd.DataFrame([{"buffer": b, "shape": s, "dtype": t, "numel": _prod(s), "source": src}
+                       for b, s, t, src in rows])
+    df["bytes"] = df["numel"] * df["dtype"].map({"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8})
+    if layers.build_moe_layer(sc) is not None:
+        m = moe.buffers(sc, n)
+        m = m[m["path"].isin(["cutlass", "triton"])]
+        m = m.assign(buffer="MoE " + m["path"] + "." + m["buffer"])[["buffer", "shape", "dtype", "numel", "bytes",
+                                                                       "source"]]
+        df = pd.concat([df, m], ignore_index=True)
+    df["frac_int32"] = df["numel"] / moe.INT32_MAX
+    return df.sort_values("bytes", ascending=False).reset_index(drop=True)
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def activation_peak_estimate(sc: Scenario) -> tuple[int, str]:
+    """Profile-run activation peak (ESTIMATE): selected-path MoE workspaces + per-layer transients + logits."""
+    buf = large_buffers(sc).set_index("buffer")
+    parts = [b for b in ("hidden_states", "residual", "qkv_proj out", "attention out",
+                         "logits (profile run: one per request)") if b in buf.index]
+    total = int(buf.loc[parts, "bytes"].sum())
+    if layers.build_moe_layer(sc) is not None:
+        path = moe.selected(sc, sc.vllm_config.scheduler_config.max_num_batched_tokens)[1]
+        ws = [f"MoE {path}.{b}" for b in ("workspace13", "workspace2", "output", "a1q_permuted")]
+        total += int(buf.loc[[w for w in ws if w in buf.index], "bytes"].sum())
+        parts.append(f"{path} MoE workspaces")
+    return total, "estimate: " + " + ".join(parts)
+
+
+def budget(sc: Scenario) -> pd.DataFrame:
+    """The predicted per-GPU budget: item, bytes, GiB, kind (exact / vLLM / estimate / guess), how.
+
+    KV memory = GPU memory x gpu_memory_utilization - weights - activation peak - non-torch; vLLM's
+    KV-cache sizing turns it into blocks and tokens. The CUDA-graph pool is captured after the KV cache
+    is allocated and comes out of the remaining headroom.
+    """
+    cfg = sc.vllm_config
+    util = cfg.cache_config.gpu_memory_utilization
+    total = sc.gpu.memory_bytes
+    weights = weights_total_bytes(sc)
+    act, act_how = activation_peak_estimate(sc)
+    kv = int(total * util) - weights - act - NON_TORCH_BYTES
+    rows = [("GPU memory", total, "exact", f"{sc.gpu.name}, {sc.gpu.memory_mib} MiB"),
+            ("usable (x gpu_memory_utilization)", int(total * util), "vLLM", f"x {util}"),
+            ("weights", weights, "exact", "vLLM model on the meta device, this rank"),
+            ("activation peak (profile run)", act, "estimate", act_how),
+            ("non-torch (NCCL, cuBLAS, context)", NON_TORCH_BYTES, "guess", "fixed allowance")]
+    if kv > 0:
+        kv_cfg, block_size, _ = versions.kv_cache_config(cfg, kv)
+        rows += [("KV cache", kv, "estimate", f"{kv_cfg.num_blocks} blocks of {block_size} tokens = "
+                  f"{kv_cfg.num_blocks * block_size:,} tokens at {kv_bytes_per_token(sc):,} B/token (vLLM sizing)")]
+    else:
+        rows += [("KV cache", 0, "estimate", "nothing left for the KV cache")]
+    graphs = cudagraph_pool_estimate(sc, act)
+    rows += [("CUDA-graph pool", graphs, "estimate", "activations at the largest capture size, shared pool"),
+             ("free after start-up", total - int(total * util) - graphs, "estimate",
+              "GPU memory - usable - CUDA-graph pool")]
+    df = pd.DataFrame(rows, columns=["item", "bytes", "kind", "how"])
+    df["GiB"] = df["bytes"] / GiB
+    return df[["item", "bytes", "GiB", "kind", "how"]]
+
+
+def cudagraph_pool_estimate(sc: Scenario, activation_bytes: int) -> int:
+    """CUDA-graph memory pool (ESTIMATE): the activation peak scaled to the largest capture size."""
+    comp = versions.compilation_summary(sc.vllm_config)
+    if comp["cudagraph_mode"] == "NONE" or not comp["cudagraph_capture_sizes"]:
+        return 0
+    mnbt = sc.vllm_config.scheduler_config.max_num_batched_tokens
+    return int(activation_bytes * min(1.0, comp["max_cudagraph_capture_size"] / mnbt))
+
+
+def layout(sc: Scenario) -> dict:
+    """Budget, weights by component, large buffers at max_num_batched_tokens, and the largest numel vs int32."""
+    buf = large_buffers(sc)
+    top = buf.loc[buf["numel"].idxmax()]
+    return {"budget": budget(sc), "weights": weights_by_component(sc), "buffers": buf,
+            "largest_intermediate": {"buffer": top["buffer"], "shape": top["shape"], "numel": int(top["numel"]),
+                                     "frac_int32": float(top["frac_int32"]),
+                                     "over_int32": bool(top["numel"] > moe.INT32_MAX)}}
+
+
+def format_text(info: dict) -> str:
+    """`diaglib memory` as text."""
+    b = info["budget"].assign(GiB=lambda d: d["GiB"].map("{:.2f}".format))
+    w = info["weights"].assign(GiB=lambda d: d["GiB"].map("{:.3f}".format))
+    buf = info["buffers"].head(12).assign(frac_int32=lambda d: d["frac_int32"].map("{:.4f}".format))
+    li = info["largest_intermediate"]
+    return ("Per-GPU budget\n" + b[["item", "GiB", "kind", "how"]].to_string(index=False)
+            + "\n\nWeights by component (exact, this rank)\n" + w.to_string(index=False)
+            + "\n\nLarge buffers at max_num_batched_tokens\n"
+            + buf[["buffer", "shape", "dtype", "bytes", "frac_int32", "source"]].to_string(index=False)
+            + f"\n\nLargest intermediate: {li['buffer']} {li['shape']} = {li['numel']:,} elements = "
+              f"{li['frac_int32']:.3f} x INT32_MAX"
+            + (" (OVER: Inductor 32-bit indexing class)" if li["over_int32"] else ""))

@@ -1,0 +1,108 @@
+"""Observed faults against the known bug classes (diaglib.known_issues): which classes fit what was seen.
+
+Three observations are compared with what each class predicts: the first failing token count (against
+the class's threshold for this scenario), the faulting kernel (against the kernels the class shows up
+in) and the minimal kill-switch set (against the switches that avoid the class). Any contradiction
+rules a class out; a class that does not apply to this vLLM version or configuration is out as well.
+"""
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+INDUCTOR = r"^triton_(?:poi|red|per|tem|for)_"
+# class id -> (kernels it shows up in, kill switches that avoid it, "from" (fails from the threshold on),
+# "at" (only at it) or "start" (at engine start-up, not in a probe)). Classes left out predict no fault.
+EXPECT = {
+    "moe-triton-int32-offset": (r"fused_moe_kernel", {"moe-backend", "moe-chunk-half"}, "from"),
+    "int32-token-offset": (r"silu_and_mul|act_and_mul|per_token_group|scaled_fp8|quant|moe_permute|cutlass",
+                           {"moe-backend", "moe-chunk-half"}, "from"),
+    "inductor-32bit-indexing": (INDUCTOR, {"inductor-off", "compile-off"}, "from"),
+    "compile-range-edge": (INDUCTOR, {"inductor-off", "compile-off", "budget+1", "budget-1"}, "at"),
+    "moe-chunking-inductor": (INDUCTOR + r"|fused_moe_kernel", {"moe-chunk-off", "inductor-off", "compile-off"},
+                              "from"),
+    "exactly-at-budget": (None, {"budget+1", "budget-1"}, "at"),
+    "cudagraph-capture-padding": (None, {"cudagraph-off"}, "from"),
+    "chunked-prefill-edge": (None, {"chunked-prefill-off"}, "at"),
+    "fp8-block-tp-alignment": (None, set(), "start"),
+    "profile-run-at-budget": (None, {"budget+1", "budget-1"}, "start"),
+    "moe-grid-limit": (r"fused_moe_kernel|moe", {"moe-chunk-half", "moe-backend"}, "from"),
+    "unvalidated-token-ids": (r"flash_fwd|embedding|index", set(), None),
+}
+COLUMNS = ["id", "title", "verdict", "applies", "threshold_tokens", "threshold", "kernel", "switches", "why"]
+
+
+def fit(sc, bisection: dict | None = None, evidence: dict | None = None, matches: pd.DataFrame | None = None
+        ) -> pd.DataFrame:
+    """One row per fault class: verdict "fits", "does not fit", "does not apply" or "no evidence".
+
+    ``bisection``: BisectResult.as_dict() (failing_low, failing_high, minimal, candidates, complete);
+    ``evidence``: an evidence bundle's summary.json (its ``kernel``); ``matches``: known_issues.match(sc).
+    The threshold, kernel and switches columns say "agrees", "contradicts" or "" (nothing to compare).
+    """
+    if matches is None:
+        from .known_issues import match
+
+        matches = match(sc)
+    b = bisection or {}
+    kernel = (evidence or {}).get("kernel")
+    rows = []
+    for m in matches.itertuples():
+        if m.id not in EXPECT:
+            continue
+        kernels, avoid, mode = EXPECT[m.id]
+        t = None if pd.isna(m.threshold_tokens) else int(m.threshold_tokens)
+        checks = {"threshold": _threshold(t, mode, b), "kernel": _kernel(kernels, kernel),
+                  "switches": _switches(avoid, b)}
+        reasons = [text for _, text in checks.values() if text]
+        verdicts = [v for v, _ in checks.values()]
+        if not m.applies:
+            verdict = "does not apply"
+            reasons = [m.why]
+        elif "contradicts" in verdicts:
+            verdict = "does not fit"
+        elif "agrees" in verdicts:
+            verdict = "fits"
+        else:
+            verdict = "no evidence"
+        rows.append({"id": m.id, "title": m.title, "verdict": verdict, "applies": bool(m.applies),
+                     "threshold_tokens": t, **{k: v for k, (v, _) in checks.items()}, "why": "; ".join(reasons)})
+    order = {"fits": 0, "no evidence": 1, "does not fit": 2, "does not apply": 3}
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.sort_values("verdict", key=lambda s: s.map(order), kind="stable", ignore_index=True)
+
+
+def _threshold(t: int | None, mode: str | None, b: dict) -> tuple[str, str]:
+    lo, hi = b.get("failing_low"), b.get("failing_high")
+    if mode == "start":
+        if lo is not None:
+            return "contradicts", "the engine started: the fault came with a probe, not at start-up"
+        return "", ""
+    if t is None or lo is None:
+        return "", ""
+    if lo == t and (mode != "at" or hi == t):
+        return "agrees", f"fails {'exactly at' if mode == 'at' else 'from'} the predicted {t} tokens"
+    return "contradicts", f"predicted {'exactly ' if mode == 'at' else 'from '}{t} tokens, observed failing {lo}..{hi}"
+
+
+def _kernel(pattern: str | None, kernel: str | None) -> tuple[str, str]:
+    if not pattern or not kernel:
+        return "", ""
+    if re.search(pattern, kernel):
+        return "agrees", f"faulting kernel {kernel} is one this class shows up in"
+    return "contradicts", f"faulting kernel {kernel} is not one this class shows up in"
+
+
+def _switches(avoid: set[str], b: dict) -> tuple[str, str]:
+    if "minimal" not in b or not b.get("complete", True):
+        return "", ""
+    minimal = set(b["minimal"] or ())
+    tried = set(b.get("candidates") or ())
+    if minimal & avoid:
+        return "agrees", f"avoided by {', '.join(sorted(minimal & avoid))}, as this class predicts"
+    if b["minimal"] is not None and avoid:
+        return "contradicts", f"avoided by {', '.join(sorted(minimal))}, which this class does not predict"
+    if b["minimal"] is None and avoid & tried:
+        return "contradicts", f"{', '.join(sorted(avoid & tried))} did not avoid it, though this class predicts so"
+    return "", ""

@@ -1,0 +1,326 @@
+"""What vLLM's real V1 scheduler does with a workload, step by step, and how each step is dispatched.
+
+:func:`trace` replays a :class:`~diaglib.workload.Workload` through the scheduler class the scenario's
+config picks (AsyncScheduler on 0.20.2), built with a KVCacheConfig from vLLM's own sizing functions;
+each step's batch then goes through vLLM's CUDA-graph dispatcher (diaglib.dispatch). The worker is
+replaced by its output alone: partial prefills sample nothing, every other scheduled request samples
+one token. :func:`sweep` does this for many prompt lengths x knob settings.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from . import versions
+from .dispatch import dispatch
+from .errors import DiagError
+from .workload import Workload, single, with_decoders
+
+ACTIVATION_RESERVE_BYTES = 4 << 30  # guess: profile-run activations, CUDA graphs, NCCL buffers per rank
+_SALT = itertools.count()
+PHASE_CODE = {"prefill-chunk": "P", "last-prefill-chunk": "L", "decode": "D"}
+
+
+# --- KV memory --------------------------------------------------------------------------------------
+
+def weights_per_rank_bytes(sc) -> tuple[int, str]:
+    """Estimated weight bytes on one rank (derived, a guess): the checkpoint's total_size from its
+    safetensors index if the model folder has one, else a parameter count from the HF config."""
+    pc = sc.vllm_config.parallel_config
+    ranks = pc.tensor_parallel_size * pc.pipeline_parallel_size
+    index = sc.model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
+        if total:
+            return int(total) // ranks, f"checkpoint size {total / 2**30:.1f} GiB / {ranks} ranks"
+    return _param_estimate(sc.hf_config, sc.vllm_config.model_config.dtype.itemsize, ranks)
+
+
+def _param_estimate(hf, dtype_bytes: int, ranks: int) -> tuple[int, str]:
+    def g(*names, default=0):  # the first of these config fields that is set
+        return next((getattr(hf, n) for n in names if getattr(hf, n, None)), default)
+
+    h, layers, vocab = hf.hidden_size, hf.num_hidden_layers, hf.vocab_size
+    heads = hf.num_attention_heads
+    kv = g("num_key_value_heads", default=heads)
+    d = g("head_dim", default=h // heads)
+    attn = h * (heads * d + 2 * kv * d) + heads * d * h
+    experts = g("n_routed_experts", "num_experts", "num_local_experts")
+    moe_layers = layers - g("first_k_dense_replace") if experts else 0
+    moe = (experts + g("n_shared_experts")) * 3 * h * g("moe_intermediate_size", "intermediate_size") + h * experts
+    linear = layers * attn + (layers - moe_layers) * 3 * h * g("intermediate_size") + moe_layers * moe
+    embed = vocab * h * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
+    bits = _weight_bits(getattr(hf, "quantization_config", None) or {}) or 8 * dtype_bytes
+    total = linear * bits // 8 + embed * dtype_bytes
+    return total // ranks, f"~{(linear + embed) / 1e9:.0f}B parameters from config.json, {bits}-bit linear weights"
+
+
+def _weight_bits(q: dict) -> int | None:
+    if q.get("quant_method") == "fp8":
+        return 8
+    groups = q.get("config_groups") or {}
+    bits = [grp.get("weights", {}).get("num_bits") for grp in groups.values()]
+    bits += [q.get("bits"), q.get("w_bit")]
+    bits = [b for b in bits if b]
+    return max(bits) if bits else None
+
+
+def default_kv_memory(sc) -> tuple[int, str]:
+    """KV-cache bytes per GPU when none is given (a guess, no profile run on CPU):
+    GPU memory x gpu_memory_utilization - estimated weights per rank - a fixed activation reserve."""
+    util = sc.vllm_config.cache_config.gpu_memory_utilization
+    weights, how = weights_per_rank_bytes(sc)
+    kv = int(sc.gpu.memory_bytes * util) - weights - ACTIVATION_RESERVE_BYTES
+    why = (f"KV memory is a GUESS: {sc.gpu.memory_mib} MiB x {util} - weights {weights / 2**30:.1f} GiB "
+           f"({how}) - {ACTIVATION_RESERVE_BYTES >> 30} GiB activation reserve = {kv / 2**30:.1f} GiB per GPU")
+    if kv <= 0:
+        raise DiagError(f"no memory left for the KV cache by diaglib's estimate ({why}); pass kv_memory_bytes")
+    return kv, why
+
+
+# --- the engine: vLLM's scheduler and the worker's outputs ------------------------------------------
+
+class Engine:
+    """vLLM's scheduler for one resolved config, reusable across workloads (it is drained after each)."""
+
+    def __init__(self, sc, kv_memory_bytes: int | None = None):
+        self.cfg = versions.private_config(sc.vllm_config)
+        if kv_memory_bytes is None:
+            memory, why = default_kv_memory(sc)
+        elif kv_memory_bytes <= 0:
+            raise DiagError(f"kv_memory_bytes must be positive, got {kv_memory_bytes}")
+        else:
+            memory, why = int(kv_memory_bytes), f"KV memory given: {kv_memory_bytes / 2**30:.2f} GiB per GPU"
+        self.kv_config, block_size, hash_block_size = versions.kv_cache_config(self.cfg, memory)
+        self.scheduler, self.hasher = versions.new_scheduler(self.cfg, self.kv_config, block_size, hash_block_size)
+        self.budget = self.cfg.scheduler_config.max_num_batched_tokens
+        self.queue_size = versions.batch_queue_size(self.cfg)
+        self.kv_info = {"kv_memory_bytes": memory, "num_blocks": self.kv_config.num_blocks, "block_size": block_size,
+                        "guessed": kv_memory_bytes is None}
+        self.notes = [why, f"{type(self.scheduler).__name__}, {self.kv_config.num_blocks} KV blocks of "
+                           f"{block_size} tokens (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
+        if versions.dispatch_derived():
+            self.notes.append("graph dispatch " + versions.dispatch_derived())
+
+    def run(self, workload: Workload, max_steps: int = 100_000) -> tuple[list[dict], list[dict]]:
+        """Replay ``workload`` in the engine core's loop; returns (per-step rows, per-request rows).
+
+        With a batch queue of 2 (async scheduling) the engine schedules step k+1 before it processes
+        step k's output, as vLLM's EngineCore.step_with_batch_queue does when the GPU is the slower side.
+        """
+        from vllm.v1.request import RequestStatus
+
+        for r in workload:
+            versions.check_prompt_len(self.cfg, r.prompt_len)
+        s = self.scheduler
+        pending = list(workload)
+        background = {r.req_id for r in workload if r.background}
+        added: set[str] = set()
+        steps, per_req = [], []
+        in_flight: deque = deque()  # scheduled steps whose output is not processed yet, newest first
+        step = idle = 0
+        while True:
+            while pending and pending[0].arrival_step <= step:
+                r = pending.pop(0)
+                s.add_request(versions.new_request(r.req_id, [1] * r.prompt_len, r.output_len, self.hasher,
+                                                   f"diaglib-{next(_SALT)}"))
+                added.add(r.req_id)
+            live = {rid for rid in added if rid in s.requests}
+            if not pending and live and live <= background:
+                s.finish_requests(live, RequestStatus.FINISHED_ABORTED)
+            if s.has_requests():
+                if step >= max_steps:
+                    raise DiagError(f"the workload did not finish within {max_steps} steps")
+                out, row, result = self._schedule(step, per_req)
+                steps.append(row)
+                in_flight.appendleft((out, result))
+                idle = 0 if row["forward"] else idle + 1
+                if idle > self.queue_size and s.has_unfinished_requests():
+                    raise DiagError(f"vLLM's scheduler schedules nothing at step {step} while requests wait "
+                                    f"(max_num_batched_tokens {self.budget}, max_num_seqs "
+                                    f"{self.cfg.scheduler_config.max_num_seqs})")
+                step += 1
+                if row["forward"] and len(in_flight) < self.queue_size:
+                    continue  # the GPU is still busy: schedule the next step first
+            elif not in_flight:
+                if not pending:
+                    break
+                step = pending[0].arrival_step  # the engine idles: no step until the next arrival
+                continue
+            out, result = in_flight.pop()
+            s.update_from_output(out, result)
+        return steps, per_req
+
+    def _schedule(self, step: int, per_req: list[dict]):
+        """One schedule() call: (SchedulerOutput, per-step row, the worker's ModelRunnerOutput)."""
+        s = self.scheduler
+        out = s.schedule()
+        counts = dict(out.num_scheduled_tokens)
+        ids, sampled, codes = list(counts), [], []
+        for rid in ids:
+            r, n = s.requests[rid], counts[rid]
+            before = r.num_computed_tokens - n  # the scheduler has already advanced it by n
+            samples = r.num_computed_tokens >= r.num_tokens  # all known tokens computed: the worker samples
+            phase = ("prefill-chunk" if not samples else
+                     "decode" if before >= max(r.num_prompt_tokens, r.num_tokens - 1) else "last-prefill-chunk")
+            per_req.append({"step": step, "req_id": rid, "tokens": n, "computed_before": before,
+                            "prompt_len": r.num_prompt_tokens, "phase": phase})
+            sampled.append([1] if samples else [])
+            codes.append(f"{rid}:{n}{PHASE_CODE[phase]}")
+        total = out.total_num_scheduled_tokens
+        row = {"step": step, "total_tokens": total, "num_reqs": len(ids),
+               "num_prefill": sum(c[-1] != "D" for c in codes), "num_decode": sum(c[-1] == "D" for c in codes),
+               "max_query_len": max(counts.values(), default=0), "schedule": " ".join(codes),
+               "at_budget": total == self.budget, "forward": total > 0}
+        if total:
+            d = dispatch(self.cfg, total, num_reqs=len(ids), max_query_len=row["max_query_len"])
+            row.update({k: d[k] for k in ("uniform_decode", "padded_tokens", "cudagraph_mode", "compile_kind",
+                                          "compile_range")})
+        else:  # nothing scheduled: no forward pass (the step tells workers which requests finished)
+            row.update(uniform_decode=False, padded_tokens=0, cudagraph_mode=None, compile_kind=None,
+                       compile_range=None)
+        row.update(waiting=len(s.waiting), kv_usage=round(s.kv_cache_manager.usage, 4))
+        return out, row, versions.runner_output(ids, sampled)
+
+
+# --- public API -------------------------------------------------------------------------------------
+
+@dataclass
+class Trace:
+    """A workload's schedule: ``per_step`` (one row per engine step), ``per_request`` (one row per
+    (step, request)), notes (e.g. that KV memory was a guess) and the KV-cache facts used."""
+
+    per_step: pd.DataFrame
+    per_request: pd.DataFrame
+    notes: list[str] = field(default_factory=list)
+    kv: dict = field(default_factory=dict)
+    scenario: str = ""
+    vllm_version: str = ""
+
+    def schedule(self, forward_only: bool = True) -> list[str]:
+        """Steps as compact strings, e.g. ['a:8192L', 'a:1D b:8191P']; P/L/D = prefill chunk, last chunk, decode."""
+        df = self.per_step[self.per_step.forward] if forward_only else self.per_step
+        return list(df.schedule)
+
+
+def trace(scenario, workload: Workload, kv_memory_bytes: int | None = None, *, max_steps: int = 100_000) -> Trace:
+    """Replay ``workload`` through vLLM's own scheduler for ``scenario`` (see module docstring)."""
+    eng = Engine(scenario, kv_memory_bytes)
+    steps, reqs = eng.run(workload, max_steps)
+    return Trace(pd.DataFrame(steps), pd.DataFrame(reqs), eng.notes, eng.kv_info, scenario.name,
+                 scenario.vllm_version)
+
+
+def knob_flags(knob: str, value) -> list[str]:
+    """Serve flags for one sweep knob value (a knob may also be a raw flag, e.g. "--max-num-seqs")."""
+    v = str(value).strip()
+    if knob.startswith("--"):
+        return [knob, v]
+    if knob in ("chunked_prefill", "enforce_eager"):
+        on = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+        if v.lower() not in on:
+            raise DiagError(f"knob {knob}: expected on/off, got {v!r}")
+        flag = "enable-chunked-prefill" if knob == "chunked_prefill" else "enforce-eager"
+        return [f"--{flag}" if on[v.lower()] else f"--no-{flag}"]
+    if knob == "cudagraph_capture_sizes":
+        return [versions.capture_sizes_flag(), *[s for s in v.replace("+", " ").split()]]
+    if knob == "max_cudagraph_capture_size":
+        return versions.max_capture_size_flags(v)
+    if knob in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+        return ["--" + knob.replace("_", "-"), v]
+    raise DiagError(f"unknown knob {knob!r}; known: {', '.join(KNOBS)} (or a serve flag such as --max-num-seqs)")
+
+
+KNOBS = ("max_num_batched_tokens", "chunked_prefill", "max_num_seqs", "enforce_eager", "cudagraph_capture_sizes",
+         "max_cudagraph_capture_size", "block_size")
+
+
+def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, decoders: int = 0,
+          kv_memory_bytes: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Single prompts of each length (plus ``decoders`` concurrent decoders) x every combination of knob
+    values, one row per (point, step); ``budget`` and ``chunked_prefill_resolved`` say what vLLM made of
+    the knobs. Configs, KV config and scheduler are built once per combination and reused."""
+    from tqdm.auto import tqdm
+
+    lengths = [int(x) for x in lengths]
+    if not lengths:
+        raise DiagError("no prompt lengths to sweep")
+    knobs = {k: list(v) for k, v in (knobs or {}).items()}
+    for k, vals in knobs.items():
+        if not vals:
+            raise DiagError(f"knob {k} has no values")
+    combos = list(itertools.product(*knobs.values())) or [()]
+    engines = []
+    for combo in combos:
+        flags = [f for k, v in zip(knobs, combo) for f in knob_flags(k, v)]
+        try:
+            sc = scenario.derive(*flags) if flags else scenario
+        except DiagError as e:
+            raise DiagError(f"{', '.join(f'{k}={v}' for k, v in zip(knobs, combo))}: {e}") from None
+        engines.append((dict(zip(knobs, combo)), Engine(sc, kv_memory_bytes)))
+    rows = []
+    bar = tqdm(total=len(combos) * len(lengths), disable=not progress, unit="pt", desc="sweep")
+    for setting, eng in engines:
+        sch = eng.cfg.scheduler_config
+        resolved = {"budget": sch.max_num_batched_tokens, "chunked_prefill_resolved": bool(sch.enable_chunked_prefill)}
+        for L in lengths:
+            w = with_decoders(L, decoders, output_len=output_len) if decoders else single(L, output_len)
+            steps, _ = eng.run(w)
+            rows += [{**setting, **resolved, "prompt_len": L, **r} for r in steps]
+            bar.update()
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+
+# --- parsing and text -------------------------------------------------------------------------------
+
+def parse_lengths(text: str) -> list[int]:
+    """'8100:8300' (inclusive), '8100:8300:10' or '8191,8192,8193' -> prompt lengths."""
+    try:
+        if ":" in text:
+            parts = [int(p) for p in text.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] < 1) or parts[1] < parts[0]:
+                raise ValueError
+            return list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+        return [int(p) for p in text.split(",")]
+    except ValueError:
+        raise DiagError(f"--lengths: expected A:B, A:B:STEP or a,b,c with A <= B, got {text!r}") from None
+
+
+def parse_knob(text: str) -> tuple[str, list[str]]:
+    """'max_num_batched_tokens=8191,8192' -> ('max_num_batched_tokens', ['8191', '8192'])."""
+    name, eq, values = text.partition("=")
+    vals = [v for v in values.split(",") if v.strip()]
+    if not eq or not name or not vals:
+        raise DiagError(f"--knob: expected NAME=V1,V2,..., got {text!r}")
+    return name.strip(), vals
+
+
+def format_trace(tr: Trace) -> str:
+    """The step table with the notes above it."""
+    df = tr.per_step.copy()
+    df["graph"] = df.cudagraph_mode.fillna("-")
+    df["compiled"] = [f"{k} {r[0]}..{r[1]}" if isinstance(r, tuple) else k if isinstance(k, str) else "-"
+                      for k, r in zip(df.compile_kind, df.compile_range)]
+    df["budget"] = df.at_budget.map({True: "= budget", False: ""})
+    cols = ["step", "total_tokens", "num_reqs", "padded_tokens", "graph", "compiled", "budget", "schedule"]
+    head = [f"{tr.scenario} (vLLM {tr.vllm_version})", *tr.notes,
+            "schedule: request:tokens + P prefill chunk / L last prefill chunk / D decode; "
+            "a step of 0 tokens runs no forward pass (it tells workers which requests finished)", ""]
+    return "\n".join(head) + df[cols].to_string(index=False)
+
+
+def format_sweep(df: pd.DataFrame, knobs: list[str]) -> str:
+    """One line per sweep point: its forward steps' token counts and CUDA-graph modes."""
+    fwd = df[df.forward]
+    keys = [*knobs, "prompt_len"]
+    g = fwd.groupby(keys, sort=False)
+    out = g.agg(steps=("total_tokens", lambda s: " | ".join(map(str, s))),
+                graphs=("cudagraph_mode", lambda s: " | ".join(s)),
+                at_budget=("at_budget", "any")).reset_index()
+    return out.to_string(index=False)

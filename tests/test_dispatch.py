@@ -1,0 +1,99 @@
+"""diaglib.dispatch against vLLM's own dispatcher, padding and compile ranges (seed scenario)."""
+from __future__ import annotations
+
+import pytest
+
+from diaglib import versions
+from diaglib.dispatch import dispatch, dispatch_table, dispatcher
+from diaglib.errors import DiagError
+
+
+def _capture_sizes(sc):
+    return sorted(versions.compilation_summary(sc.vllm_config)["cudagraph_capture_sizes"])
+
+
+@pytest.mark.parametrize("n", [513, 8191, 8192])
+def test_large_steps_run_without_cuda_graph(scenario, n):
+    d = dispatch(scenario, n)
+    assert d["cudagraph_mode"] == "NONE"
+    assert d["padded_tokens"] == n and d["padding"] == 0
+
+
+def test_seven_tokens_pad_to_eight_with_a_graph(scenario):
+    d = dispatch(scenario, 7)
+    assert d["padded_tokens"] == 8
+    assert d["cudagraph_mode"] == "PIECEWISE"  # one request of 7 tokens: a mixed batch
+
+
+def test_padding_is_the_next_capture_size(scenario):
+    sizes = _capture_sizes(scenario)
+    table = dispatch_table(scenario, range(1, sizes[-1] + 2))
+    for n, padded, mode in zip(table.num_tokens, table.padded_tokens, table.cudagraph_mode):
+        if n <= sizes[-1]:
+            assert padded == min(s for s in sizes if s >= n) and mode != "NONE"
+        else:
+            assert padded == n and mode == "NONE"
+
+
+def test_uniform_decode_gets_full_graph_where_the_mode_allows(scenario):
+    from vllm.config import CUDAGraphMode
+
+    _, resolved = dispatcher(scenario)
+    d = dispatch(scenario, 7, decode=True)
+    assert d["uniform_decode"] and d["padded_tokens"] == 8
+    want = "FULL" if resolved.decode_mode() == CUDAGraphMode.FULL else resolved.mixed_mode().name
+    assert d["cudagraph_mode"] == want
+    mixed = dispatch(scenario, 8, num_reqs=2, max_query_len=7)
+    assert not mixed["uniform_decode"] and mixed["cudagraph_mode"] == resolved.mixed_mode().name
+
+
+def test_dispatch_leaves_the_config_alone(scenario):
+    before = scenario.vllm_config.compilation_config.cudagraph_mode
+    dispatch(scenario, 100)
+    assert scenario.vllm_config.compilation_config.cudagraph_mode == before
+
+
+def test_compile_range_holds_the_padded_size(scenario):
+    ranges = versions.compilation_summary(scenario.vllm_config)["compile_ranges"]
+    assert ranges
+    for n in (1, 7, 51, 52, 512, 513, 8192):
+        d = dispatch(scenario, n)
+        lo, hi = d["compile_range"]
+        assert lo <= d["padded_tokens"] <= hi
+        assert (lo, hi) in ranges
+
+
+def test_enforce_eager_means_no_graph_and_no_compilation(scenario):
+    eager = scenario.derive("--enforce-eager")
+    d = dispatch(eager, 7)
+    assert d["cudagraph_mode"] == "NONE" and d["padded_tokens"] == 7
+    assert d["compile_kind"] == "none" and d["compile_range"] is None
+
+
+def test_table_matches_single_dispatch(scenario):
+    import pandas as pd
+
+    t = dispatch_table(scenario, [3, 600])
+    pd.testing.assert_frame_equal(t, pd.DataFrame([dispatch(scenario, 3), dispatch(scenario, 600)]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_tokens": 0}, "a step needs at least 1 token, got 0"),
+    ({"num_tokens": -5}, "a step needs at least 1 token, got -5"),
+    ({"num_tokens": 8193}, "a step of 8193 tokens cannot happen: max_num_batched_tokens is 8192"),
+    ({"num_tokens": 8, "num_reqs": 2}, "give both num_reqs and max_query_len (or neither)"),
+    ({"num_tokens": 8, "decode": True, "num_reqs": 8}, "give either decode=True or num_reqs/max_query_len, not both"),
+    ({"num_tokens": 8, "num_reqs": 9, "max_query_len": 1}, "num_reqs must be between 1 and num_tokens (8), got 9"),
+    ({"num_tokens": 8, "num_reqs": 2, "max_query_len": 3}, "max_query_len 3 does not fit 2 requests sharing 8 tokens"),
+    ({"num_tokens": 8, "num_reqs": 4, "max_query_len": 6}, "4 requests cannot share 8 tokens with one holding 6"),
+])
+def test_bad_input(scenario, kwargs, message):
+    n = kwargs.pop("num_tokens")
+    with pytest.raises(DiagError) as e:
+        dispatch(scenario, n, **kwargs)
+    assert str(e.value) == message
+
+
+def test_empty_table_is_an_error(scenario):
+    with pytest.raises(DiagError, match="no token counts given"):
+        dispatch_table(scenario, [])

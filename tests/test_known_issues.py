@@ -1,0 +1,68 @@
+"""Known bug classes matched against resolved scenarios; thresholds checked against vLLM-sized buffers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diaglib import known_issues, moe, versions
+from diaglib.errors import DiagError
+
+
+@pytest.fixture(scope="module")
+def matched(scenario):
+    return known_issues.match(scenario).set_index("id")
+
+
+def test_catalog_covers_the_reference_classes_with_links():
+    classes = known_issues.catalog()
+    assert len(classes) == 14 and len({c["id"] for c in classes}) == 14
+    for c in classes:
+        for repo, number in c["refs"]:
+            assert known_issues.link(repo, number) == f"https://github.com/{repo}/issues/{number}"
+    assert any(n == 28776 for c in classes for _, n in c["refs"])  # the seed's own upstream report
+
+
+def test_seed_classes_that_apply(scenario, matched):
+    comp = versions.compilation_summary(scenario.vllm_config)
+    mnbt = scenario.vllm_config.scheduler_config.max_num_batched_tokens
+    assert matched.loc["exactly-at-budget", "applies"] and matched.loc["exactly-at-budget", "threshold_tokens"] == mnbt
+    assert matched.loc["compile-range-edge", "threshold_tokens"] == comp["compile_ranges"][-1][1] == 8192
+    assert matched.loc["cudagraph-capture-padding", "threshold_tokens"] == comp["max_cudagraph_capture_size"] + 1 == 513
+    assert not matched.loc["fp8-block-tp-alignment", "applies"]  # per-channel FP8, not block
+    assert matched.loc["unvalidated-token-ids", "applies"] == (scenario.vllm_version == "0.20.2")
+
+
+def test_classic_moe_overflow_threshold_and_why(scenario, matched):
+    row = matched.loc["moe-triton-int32-offset"]
+    assert row["threshold_tokens"] == 52_429
+    assert not row["applies"]  # 0.20.2: int64 offs_token; 0.10.1.1: 32768-token chunks
+    assert ("int64" in row["why"]) == moe.offs_token_int64()
+    assert ("chunks of 32768" in row["why"]) == versions._legacy()
+    assert all(link.startswith("https://github.com/vllm-project/vllm/issues/") for link in row["links"])
+
+
+def test_a_larger_budget_brings_the_int32_classes_in(scenario):
+    big = known_issues.match(scenario.derive("--max-num-batched-tokens", "60000")).set_index("id")
+    t = int(big.loc["int32-token-offset", "threshold_tokens"])
+    assert big.loc["int32-token-offset", "applies"] and t <= 60000
+    df = moe.buffers(scenario, t)
+    assert df["max_offset"].max() > moe.INT32_MAX >= moe.buffers(scenario, t - 1)["max_offset"].max()
+    assert big.loc["moe-chunking-inductor", "applies"] == versions._legacy()
+
+
+def test_enforce_eager_removes_the_graph_classes(scenario):
+    eager = known_issues.match(scenario.derive("--enforce-eager")).set_index("id")
+    assert not eager.loc["cudagraph-capture-padding", "applies"]
+    assert not eager.loc["compile-range-edge", "applies"]
+
+
+def test_bad_catalog_is_one_clear_error(tmp_path, monkeypatch):
+    bad = tmp_path / "known_issues.json"
+    bad.write_text(json.dumps({"classes": [{"id": "x", "predicate": "nope"}]}))
+    monkeypatch.setattr(known_issues, "CATALOG", bad)
+    with pytest.raises(DiagError, match="unknown predicate 'nope'"):
+        known_issues.catalog()
+    bad.write_text("{")
+    with pytest.raises(DiagError, match="cannot read the known-issue catalog"):
+        known_issues.catalog()

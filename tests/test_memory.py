@@ -1,0 +1,106 @@
+"""The memory layout: exact weights from vLLM's meta-device model, KV sizing from vLLM, estimates labelled."""
+from __future__ import annotations
+
+import pytest
+
+from diaglib import layers, memory, moe, versions
+
+
+@pytest.fixture(scope="module")
+def weights(scenario):
+    return memory.weights_by_component(scenario).set_index("component")
+
+
+def test_weights_are_every_parameter_and_buffer_of_vllms_model(scenario, weights):
+    model = layers.build_model(scenario)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    assert memory.weights_total_bytes(scenario) == total == weights["bytes"].sum()
+    assert "other" not in weights.index  # every GLM-4.6 parameter has a named component
+    assert all(memory.component_of(n) != "other" for n, _ in model.named_parameters())
+
+
+def test_routed_experts_match_the_fused_moe_layers(scenario, weights):
+    hf, tp = scenario.hf_config, scenario.vllm_config.parallel_config.tensor_parallel_size
+    # the router's e_score_correction_bias is shared with FusedMoE; vLLM's model lists it under the gate
+    per_layer = sum(p.numel() * p.element_size() for n, p in layers.build_moe_layer(scenario).named_parameters()
+                    if n.startswith(("w13_", "w2_")))
+    n_moe = hf.num_hidden_layers - hf.first_k_dense_replace
+    assert weights.loc["MoE routed experts", "bytes"] == n_moe * per_layer
+    fp8 = n_moe * hf.n_routed_experts * 3 * hf.moe_intermediate_size // tp * hf.hidden_size  # w13 + w2, 1 B each
+    assert fp8 == 89 * 160 * 3 * 192 * 5120
+    assert weights.loc["MoE routed experts", "bytes"] > fp8  # plus the fp32 per-channel scales
+
+
+def test_tp_shards_what_vllm_shards(scenario, weights):
+    tp4_sc = scenario.derive("-tp", "4")
+    tp4 = memory.weights_by_component(tp4_sc).set_index("component")
+    assert tp4.loc["norms", "bytes"] == weights.loc["norms", "bytes"]  # replicated
+    assert tp4.loc["MoE router", "bytes"] == weights.loc["MoE router", "bytes"]
+    p8 = dict(layers.build_model(scenario).named_parameters())
+    p4 = dict(layers.build_model(tp4_sc).named_parameters())
+    sharded = ("w13_weight", "w2_weight", "embed_tokens.weight", "lm_head.weight", "gate_up_proj.weight",
+               "down_proj.weight", "qkv_proj.weight", "o_proj.weight")
+    for name, p in p8.items():
+        if name.endswith(sharded):
+            assert p4[name].numel() == 2 * p.numel(), name
+
+
+def test_rank_equivalent_standin_at_tp1_has_the_same_weights(scenario, weights, tmp_path):
+    """What the GPU engineer compares with vLLM's log on the H200: the one-rank stand-in at TP 1."""
+    from diaglib.live.standin import write_standin
+    from diaglib.scenario import load
+
+    tp = scenario.vllm_config.parallel_config.tensor_parallel_size
+    out = write_standin(scenario.model_dir, tp, tmp_path / "standin")
+    sc1 = load(cmd=f"vllm serve {out} -tp 1 --max-model-len 8192", gpu="NVIDIA H200", gpu_count=1)
+    standin = memory.weights_by_component(sc1).set_index("component")
+    for c in weights.index:
+        if c.startswith("buffers"):  # the rotary cache is sized by max_model_len
+            continue
+        assert standin.loc[c, "bytes"] == weights.loc[c, "bytes"], c
+
+
+def test_kv_bytes_per_token_is_vllms_spec(scenario):
+    mc, pc = scenario.vllm_config.model_config, scenario.vllm_config.parallel_config
+    derived = 2 * mc.get_num_kv_heads(pc) * mc.get_head_size() * 2 * mc.get_num_layers(pc)  # K+V, bf16
+    assert memory.kv_bytes_per_token(scenario) == derived == 47_104  # vllm-facts.md
+
+
+def test_budget_adds_up_and_labels_estimates(scenario):
+    b = memory.budget(scenario).set_index("item")
+    usable = b.loc["usable (x gpu_memory_utilization)", "bytes"]
+    parts = ["weights", "activation peak (profile run)", "non-torch (NCCL, cuBLAS, context)", "KV cache"]
+    assert sum(b.loc[p, "bytes"] for p in parts) == usable
+    assert b.loc["weights", "kind"] == "exact"
+    assert b.loc["activation peak (profile run)", "kind"] == "estimate"
+    kv_cfg, block_size, _ = versions.kv_cache_config(scenario.vllm_config, int(b.loc["KV cache", "bytes"]))
+    assert f"{kv_cfg.num_blocks} blocks of {block_size} tokens" in b.loc["KV cache", "how"]
+
+
+def test_largest_intermediate_against_int32(scenario):
+    info = memory.layout(scenario)
+    li = info["largest_intermediate"]
+    assert li["numel"] == 335_544_320 and not li["over_int32"]
+    big = memory.layout(scenario.derive("--max-num-batched-tokens", "60000"))["largest_intermediate"]
+    assert big["over_int32"] and big["numel"] > moe.INT32_MAX
+    assert "Largest intermediate" in memory.format_text(info)
+
+
+def test_cli_memory_json(scenario, scenario_name, capsys):
+    import json
+
+    from diaglib.cli import main
+
+    assert main(["memory", scenario_name, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    weights = next(r for r in out["budget"] if r["item"] == "weights")
+    assert weights["bytes"] == memory.weights_total_bytes(scenario)
+    assert out["largest_intermediate"]["numel"] == 335_544_320
+
+
+def test_cli_memory_bad_gpu_exits_2(scenario_name, capsys):
+    from diaglib.cli import main
+
+    assert main(["memory", scenario_name, "--gpu", "NVIDIA Z100"]) == 2
+    assert "unknown GPU 'NVIDIA Z100'" in capsys.readouterr().err

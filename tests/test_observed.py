@@ -1,0 +1,47 @@
+"""Observed faults against the known bug classes, on the seed scenario's own class matches."""
+from __future__ import annotations
+
+import pytest
+
+from diaglib.observed import EXPECT, fit
+
+
+@pytest.fixture(scope="module")
+def matches(scenario):
+    from diaglib.known_issues import match
+
+    return match(scenario)
+
+
+def verdicts(df):
+    return dict(zip(df.id, df.verdict))
+
+
+def test_exact_budget_fault_avoided_by_budget_plus_one(scenario, matches):
+    b = {"failing_low": 8192, "failing_high": 8192, "minimal": ["budget+1"],
+         "candidates": ["cudagraph-off", "budget+1"], "complete": True}
+    df = fit(scenario, b, matches=matches)
+    v = verdicts(df)
+    assert v["exactly-at-budget"] == "fits"
+    assert v["moe-triton-int32-offset"] == "does not apply"  # int64 offsets / no overflow at this budget
+    assert v["cudagraph-capture-padding"] == "does not fit"  # predicts 513 and the graph switch
+    assert v["profile-run-at-budget"] == "does not fit"      # the engine started
+    row = df.set_index("id").loc["exactly-at-budget"]
+    assert (row.threshold, row.switches) == ("agrees", "agrees") and "8192" in row.why
+    assert df.verdict.iloc[0] == "fits" and set(df.id) <= set(EXPECT)
+
+
+def test_kernel_evidence_rules_classes_in_and_out(scenario, matches):
+    b = {"failing_low": 8192, "failing_high": 8192, "minimal": ["inductor-off"], "candidates": ["inductor-off"],
+         "complete": True}
+    df = fit(scenario, b, {"kernel": "triton_poi_fused_add_mul_0"}, matches=matches).set_index("id")
+    assert df.loc["exactly-at-budget", "verdict"] == "does not fit"  # inductor-off is not what it predicts
+    if df.loc["compile-range-edge", "applies"]:
+        assert df.loc["compile-range-edge", "kernel"] == "agrees"
+    df = fit(scenario, b, {"kernel": "cutlass_3x_grouped_gemm"}, matches=matches).set_index("id")
+    assert df.loc["compile-range-edge", "kernel"] == "contradicts"
+
+
+def test_nothing_observed_is_no_evidence(scenario, matches):
+    df = fit(scenario, {}, None, matches=matches)
+    assert set(df.verdict) <= {"no evidence", "does not apply"}

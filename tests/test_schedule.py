@@ -1,0 +1,225 @@
+"""diaglib.schedule drives vLLM's own V1 scheduler (AsyncScheduler on 0.20.2): the behaviour issue 3 names."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from diaglib import versions
+from diaglib.errors import DiagError
+from diaglib.schedule import Engine, parse_knob, parse_lengths, sweep, trace
+from diaglib.workload import Req, Workload, prompts, single, summing_to, with_decoders
+
+
+@pytest.fixture(scope="session")
+def budget(scenario):
+    b = scenario.vllm_config.scheduler_config.max_num_batched_tokens
+    assert b == 8192  # the seed command's --max-num-batched-tokens
+    return b
+
+
+def _tokens(tr):
+    return list(tr.per_step[tr.per_step.forward].total_tokens)
+
+
+def test_scheduler_class_is_the_configs(scenario):
+    eng = Engine(scenario, 20 << 30)
+    assert type(eng.scheduler).__name__ == versions.scheduler_summary(scenario.vllm_config)["scheduler_cls"].rsplit(".", 1)[-1]
+
+
+def test_prompt_at_budget_is_one_step_then_decodes(scenario, budget):
+    tr = trace(scenario, single(8192, output_len=4))
+    assert _tokens(tr) == [budget, 1, 1, 1]
+    assert tr.schedule() == ["a:8192L", "a:1D", "a:1D", "a:1D"]
+    assert tr.per_step.at_budget.tolist()[0]
+
+
+def test_one_over_budget_gives_a_one_token_chunk(scenario, budget):
+    tr = trace(scenario, single(8193, output_len=2))
+    assert _tokens(tr)[:2] == [budget, 1]
+    assert tr.schedule()[:2] == ["a:8192P", "a:1L"]
+
+
+def test_long_prompt_is_chunked_at_the_budget(scenario, budget):
+    tr = trace(scenario, single(20000, output_len=2))
+    assert _tokens(tr)[:3] == [budget, budget, 20000 - 2 * budget] == [8192, 8192, 3616]
+
+
+def test_three_prompts_together(scenario):
+    tr = trace(scenario, prompts(8192, 8193, 20000, output_len=3))
+    assert tr.schedule()[:5] == ["a:8192L", "a:1D b:8191P", "a:1D b:2L c:8189P", "b:1D c:8191P", "b:1D c:3620L"]
+
+
+def test_async_engine_keeps_two_steps_in_flight(scenario):
+    """Async scheduling: step k+1 is scheduled before step k's output is processed (batch queue 2)."""
+    flag = "--no-async-scheduling" if versions.scheduler_summary(scenario.vllm_config)["async_scheduling"] \
+        else "--async-scheduling"
+    w = prompts(8192, 8193, 20000, output_len=3)
+    runs = {}
+    for sc in (scenario, scenario.derive(flag)):
+        eng = Engine(sc, 20 << 30)
+        steps, _ = eng.run(w)
+        runs[eng.queue_size] = [r["schedule"] for r in steps]
+        assert eng.queue_size == (2 if versions.scheduler_summary(sc.vllm_config)["async_scheduling"] else 1)
+    assert set(runs) == {1, 2}
+    assert runs[1][:3] == runs[2][:3] == ["a:8192L", "a:1D b:8191P", "a:1D b:2L c:8189P"]
+    assert runs[1][-1] == runs[2][-1] == ""  # the last step only tells the workers which requests finished
+
+
+def test_per_request_rows_add_up(scenario):
+    w = prompts(8192, 8193, 20000, output_len=3)
+    tr = trace(scenario, w)
+    pr = tr.per_request
+    for r in w:
+        rows = pr[pr.req_id == r.req_id]
+        assert rows.tokens.sum() == r.prompt_len + r.output_len - 1  # the last sampled token is never fed back
+        assert (rows.computed_before.diff().dropna() == rows.tokens.iloc[:-1].values).all()
+        assert list(rows.phase).count("last-prefill-chunk") == 1
+        assert (rows.phase == "decode").sum() == r.output_len - 1
+    steps = pr.groupby("step").tokens.sum()
+    fwd = tr.per_step[tr.per_step.forward].set_index("step").total_tokens
+    pd.testing.assert_series_equal(steps, fwd, check_names=False)
+
+
+def test_steps_are_dispatched_by_vllm(scenario):
+    w = Workload(tuple(Req(f"x{i}", L, 1, 10 * i) for i, L in enumerate((513, 8191, 8192, 7))))
+    tr = trace(scenario, w)  # each prompt alone in its step
+    ps = tr.per_step.set_index("total_tokens")
+    for n in (513, 8191, 8192):
+        assert ps.loc[n, "cudagraph_mode"] == "NONE" and ps.loc[n, "padded_tokens"] == n
+    assert ps.loc[7, "padded_tokens"] == 8 and ps.loc[7, "cudagraph_mode"] != "NONE"
+
+
+def test_decoders_share_the_budget(scenario, budget):
+    tr = trace(scenario, with_decoders(8192, 3, output_len=2))
+    s = tr.per_step[tr.per_step.forward]
+    assert s.total_tokens.iloc[1] == budget and s.num_decode.iloc[1] == 3
+    assert tr.schedule()[1].endswith(f"prompt:{budget - 3}P")
+    assert s.total_tokens.max() <= budget
+
+
+def test_summing_to_the_budget_is_one_step(scenario, budget):
+    tr = trace(scenario, summing_to(budget, 1001))
+    assert _tokens(tr) == [budget]
+    assert tr.per_step.num_reqs.iloc[0] == 9
+
+
+def test_kv_memory_default_is_flagged_as_a_guess(scenario):
+    tr = trace(scenario, single(100))
+    assert tr.kv["guessed"] and "GUESS" in tr.notes[0]
+    given = trace(scenario, single(100), kv_memory_bytes=20 << 30)
+    assert not given.kv["guessed"] and "given" in given.notes[0]
+    cfg = scenario.vllm_config
+    per_block = versions.kv_cache_spec(cfg).page_size_bytes * cfg.model_config.get_num_layers(cfg.parallel_config)
+    assert given.kv["num_blocks"] * per_block <= 20 << 30 < (given.kv["num_blocks"] + 1) * per_block
+
+
+def test_kv_capacity_comes_from_vllms_sizing(scenario):
+    small = scenario.derive("--max-model-len", "4096")
+    spec = versions.kv_cache_spec(small.vllm_config)
+    layers = small.vllm_config.model_config.get_num_layers(small.vllm_config.parallel_config)
+    mem = 300 * spec.page_size_bytes * layers  # room for 300 blocks of 16 tokens
+    tr = trace(small, prompts(2000, 2000, 2000, output_len=2), kv_memory_bytes=mem)
+    assert tr.kv["num_blocks"] == 300
+    assert tr.per_step.waiting.max() >= 1  # the third prompt waits for blocks
+    assert tr.per_request.groupby("req_id").tokens.sum().to_dict() == {"a": 2001, "b": 2001, "c": 2001}
+
+
+def test_trace_leaves_the_scenario_alone(scenario):
+    def state():
+        c = scenario.vllm_config
+        return c.cache_config.num_gpu_blocks, c.model_config.skip_tokenizer_init, c.model_config.max_model_len
+
+    before = state()
+    trace(scenario, single(10))
+    with pytest.raises(DiagError):  # vLLM's failed KV check searches max_model_len by writing it
+        trace(scenario, single(10), kv_memory_bytes=1 << 30)
+    assert state() == before
+
+
+def test_too_long_prompt_is_rejected(scenario):
+    m = scenario.vllm_config.model_config.max_model_len
+    with pytest.raises(DiagError, match=rf"^vLLM would reject this request: The decoder prompt \(length {m + 1}\) "
+                                        rf"is longer than the maximum model length of {m}$"):
+        trace(scenario, single(m + 1))
+
+
+def test_too_little_kv_memory_is_rejected(scenario):
+    with pytest.raises(DiagError, match=r"^vLLM's KV-cache sizing: .*max seq len"):
+        trace(scenario, single(10), kv_memory_bytes=1 << 30)
+    with pytest.raises(DiagError, match="^kv_memory_bytes must be positive, got 0$"):
+        trace(scenario, single(10), kv_memory_bytes=0)
+
+
+def test_sweep_matches_single_traces_and_reuses_the_scheduler(scenario):
+    df = sweep(scenario, [8191, 8192, 8193], {"max_num_batched_tokens": [8191, 8192]}, progress=False)
+    assert set(df.max_num_batched_tokens) == {8191, 8192} and set(df.prompt_len) == {8191, 8192, 8193}
+    assert (df.budget == df.max_num_batched_tokens).all()
+    fwd = df[df.forward]
+    got = fwd.groupby(["max_num_batched_tokens", "prompt_len"]).total_tokens.apply(list).to_dict()
+    assert got[(8191, 8192)] == [8191, 1] and got[(8192, 8192)] == [8192]
+    fresh = trace(scenario.derive("--max-num-batched-tokens", "8191"), single(8193))
+    assert got[(8191, 8193)] == _tokens(fresh)
+
+
+def test_sweep_knobs_reach_vllm(scenario):
+    df = sweep(scenario, [600], {"enforce_eager": ["off", "on"], "max_cudagraph_capture_size": ["1024"]}, progress=False)
+    step = df[df.forward & (df.total_tokens == 600)].set_index("enforce_eager")
+    assert step.loc["on", "cudagraph_mode"] == "NONE" and step.loc["on", "compile_kind"] == "none"
+    assert step.loc["off", "cudagraph_mode"] != "NONE"  # 600 <= the raised largest capture size
+
+
+def test_rejected_knob_value_is_one_clear_line(scenario):
+    with pytest.raises(DiagError, match=r"^max_num_batched_tokens=abc: bad serve argument: argument "
+                                        r"--max-num-batched-tokens: invalid"):
+        sweep(scenario, [10], {"max_num_batched_tokens": ["abc"]}, progress=False)
+    with pytest.raises(DiagError, match="^unknown knob 'warp_speed'"):
+        sweep(scenario, [10], {"warp_speed": ["9"]}, progress=False)
+    with pytest.raises(DiagError, match="^knob enforce_eager: expected on/off, got 'maybe'$"):
+        sweep(scenario, [10], {"enforce_eager": ["maybe"]}, progress=False)
+    with pytest.raises(DiagError, match="^no prompt lengths to sweep$"):
+        sweep(scenario, [], progress=False)
+
+
+def test_stalled_scheduler_is_reported(scenario):
+    if not versions._legacy():
+        pytest.skip("0.20.2 rejects max_num_seqs 0 itself (see test_rejected_knob_value_is_one_clear_line)")
+    with pytest.raises(DiagError, match="^vLLM's scheduler schedules nothing at step 1 while requests wait"):
+        trace(scenario.derive("--max-num-seqs", "0"), single(10))
+
+
+def test_parsers():
+    assert parse_lengths("8100:8103") == [8100, 8101, 8102, 8103]
+    assert parse_lengths("10:30:10") == [10, 20, 30] and parse_lengths("5,7") == [5, 7]
+    assert parse_knob("max_num_seqs=1,2") == ("max_num_seqs", ["1", "2"])
+    for bad in ("8300:8100", "a:b", "1:5:0", ""):
+        with pytest.raises(DiagError, match="^--lengths: expected A:B"):
+            parse_lengths(bad)
+    for bad in ("max_num_seqs", "=1", "x="):
+        with pytest.raises(DiagError, match="^--knob: expected NAME=V1,V2"):
+            parse_knob(bad)
+
+
+def test_cli_trace_and_sweep(scenario_name, tmp_path, capsys):
+    from diaglib.cli import main
+
+    assert main(["trace", scenario_name, "--prompt", "8193", "--output-len", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "a:8192P" in out and "a:1L" in out and "GUESS" in out
+    path = tmp_path / "s.csv"
+    assert main(["sweep", scenario_name, "--lengths", "8191:8193", "--knob", "max_num_batched_tokens=8191,8192",
+                 "-o", str(path)]) == 0
+    df = pd.read_csv(path)
+    assert len(df[df.forward]) == (1 + 2 + 2) + (1 + 1 + 2) and set(df.prompt_len) == {8191, 8192, 8193}
+    assert main(["sweep", scenario_name, "--lengths", "10", "--knob", "max_num_batched_tokens=abc"]) == 2
+    assert _last_err(capsys).startswith("diaglib: error: max_num_batched_tokens=abc: bad serve argument")
+    assert main(["sweep", scenario_name, "--lengths", "10", "-o", "x.txt"]) == 2
+    assert _last_err(capsys) == "diaglib: error: -o must name a .parquet or .csv file, got 'x.txt'"
+    assert main(["trace", scenario_name, "--prompt", "5", "--prompt", "6", "--decoders", "2"]) == 2
+    assert _last_err(capsys) == "diaglib: error: --decoders goes with exactly one --prompt"
+    assert main(["sweep", scenario_name, "--lengths", "9:1"]) == 2
+    assert _last_err(capsys) == "diaglib: error: --lengths: expected A:B, A:B:STEP or a,b,c with A <= B, got '9:1'"
+
+
+def _last_err(capsys) -> str:
+    """The CLI's own message: the last stderr line (vLLM logs to stderr before it)."""
+    return capsys.readouterr().err.strip().splitlines()[-1]
