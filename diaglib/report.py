@@ -254,7 +254,8 @@ def _render_widgets(nb) -> None:
 
 def _widget_parts(model_id: str | None, state: dict, depth: int = 0) -> list[tuple[str, object]]:
     """("html", controls) and ("output", nbformat output) parts of one widget, in display order."""
-    w = state.get(model_id or "", {}).get("state")
+    model = state.get(model_id or "", {})
+    w = model.get("state")
     if w is None or depth > 20:
         return [("html", '<span class="dg-widget-note">(widget state not saved)</span>')]
     name = w.get("_model_name", "")
@@ -262,6 +263,12 @@ def _widget_parts(model_id: str | None, state: dict, depth: int = 0) -> list[tup
         import nbformat
 
         return [("output", nbformat.from_dict(o)) for o in w.get("outputs", [])]
+    if name == "ImageModel":
+        import nbformat
+
+        data = next((b["data"] for b in model.get("buffers", []) if b.get("path") == ["value"]), None)
+        fmt = re.sub(r"[^a-z+]", "", str(w.get("format", "png")))
+        return [("output", nbformat.v4.new_output("display_data", data={f"image/{fmt}": data}))] if data else []
     if "children" not in w:
         control = _control(name, w)
         return [("html", control)] if control else []
@@ -371,9 +378,7 @@ async def _execute_all(paths: list[Path], params: dict, python: Path, jobs: int)
                         error = _failure(path.name, nb, exc)
                         await km.restart_kernel(now=True)
                     else:
-                        _t = time.monotonic()
                         await run(copy.deepcopy(reset))
-                        print("DEBUG reset", path.name, round(time.monotonic() - _t, 1), "main", round(_t - t0, 1), flush=True)
                     seconds = time.monotonic() - t0
                     pages[path] = Page(path.name, title, to_html(nb, title), seconds, error, summary, _slowest(nb))
             finally:

@@ -130,7 +130,7 @@ def figures(frames: dict[str, pd.DataFrame], s: Settings) -> list:
 
 
 class Panel:
-    """The controls, a status line and an Output holding the figures; recomputes on every change."""
+    """The controls, a status line and the figures as images; recomputes on every change."""
 
     def __init__(self, sc, settings: Settings | None = None):
         import ipywidgets as w
@@ -158,10 +158,11 @@ class Panel:
         }
         c = self.controls
         self.status = w.HTML()
-        self.output = w.Output()
+        # Image widgets, not an Output: the PNG travels as widget state (no output capture to mimic headless)
+        self.images = [w.Image(format="png", layout=w.Layout(width="900px")) for _ in range(2)]
         self.widget = w.VBox([w.HBox([c["prompt_len"], c["max_num_batched_tokens"], c["max_num_seqs"]]),
                               w.HBox([c["chunked_prefill"], c["tp"], c["gpu"], c["vllm"]]),
-                              self.status, self.output])
+                              self.status, *self.images])
         for ctl in c.values():
             ctl.observe(lambda _change: self.update(), names="value")
         self.update()
@@ -173,7 +174,6 @@ class Panel:
     def update(self) -> None:
         """Recompute for the current settings and redraw; an error becomes the status line."""
         import matplotlib.pyplot as plt
-        from IPython.display import Image, display
 
         s = self.settings
         local = s.vllm == versions.installed()
@@ -184,15 +184,11 @@ class Panel:
         except (DiagError, subprocess.TimeoutExpired) as e:
             self._say(f"not computed: {e}", error=True)
             return
-        pngs = []
-        for fig in figures(frames, s):  # rendered here: a figure displayed from a widget callback can come out blank
+        for image, fig in zip(self.images, figures(frames, s)):
             buf = io.BytesIO()
             fig.savefig(buf, format="png")
             plt.close(fig)
-            pngs.append(Image(buf.getvalue(), format="png"))
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(*pngs)
+            image.value = buf.getvalue()
         self._say(f"vLLM {s.vllm} answered in {time.monotonic() - t0:.1f} s")
 
     def _say(self, text: str, error: bool = False) -> None:

@@ -87,7 +87,8 @@ def _widget_nb():
     """A notebook whose output is a saved widget panel: a slider, a dropdown and an Output with a PNG."""
     png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
     state = {
-        "box": {"_model_name": "VBoxModel", "children": ["IPY_MODEL_row", "IPY_MODEL_out"]},
+        "box": {"_model_name": "VBoxModel", "children": ["IPY_MODEL_row", "IPY_MODEL_out", "IPY_MODEL_img"]},
+        "img": {"_model_name": "ImageModel", "format": "png"},
         "row": {"_model_name": "HBoxModel", "children": ["IPY_MODEL_s", "IPY_MODEL_d"]},
         "s": {"_model_name": "IntSliderModel", "description": "prompt " + EVIL, "value": 8192, "min": 1,
               "max": 16384, "step": 1},
@@ -103,6 +104,8 @@ def _widget_nb():
     nb.metadata.widgets = {"application/vnd.jupyter.widget-state+json": {
         "state": {k: {"model_name": v["_model_name"], "state": v} for k, v in state.items()},
         "version_major": 2, "version_minor": 0}}
+    nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]["img"]["buffers"] = [
+        {"data": png[:-4] + "AAAA", "encoding": "base64", "path": ["value"]}]  # as nbclient stores an Image's bytes
     return nb
 
 
@@ -113,8 +116,10 @@ def test_html_is_self_contained():
     assert 'src="data:image/png;base64,' in page
 
 
-def test_widgets_render_as_static_controls_with_their_figure():
+def test_widgets_render_as_static_controls_with_their_figures():
     page = report.to_html(_widget_nb(), "t")
+    imgs = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
+    assert len(imgs) == 2 and imgs[1].endswith("AAAA"), "the Output's figure and the Image widget's bytes"
     slider = re.search(r"<input [^>]*>", page[page.index("dg-widget"):]).group(0)
     for attr in ('type="range"', "disabled", 'min="1"', 'max="16384"', 'value="8192"'):
         assert attr in slider
