@@ -163,7 +163,7 @@ def _cutlass_rows(sc, layer, experts, M: int) -> list[dict]:
     m, topk, E = ws["M_chunk"], layer.top_k, layer.local_num_experts
     I2, K = layer.w13_weight.shape[1], layer.hidden_size
     d = "derived: run_cutlass_moe_fp8"
-    offsets = "int32" if versions._legacy() else "int64"
+    offsets, index_buffers = versions.cutlass_index_buffers(m * topk)
     rows = [*_workspace_rows("cutlass", ws, experts),
             _row("cutlass", "a1q_permuted", (m * topk, K), "float8_e4m3fn", d, "permuted fp8 input"),
             _row("cutlass", "mm1_out", (m * topk, I2), ws["dtype"], d, "grouped GEMM1 out"),
@@ -172,11 +172,7 @@ def _cutlass_rows(sc, layer, experts, M: int) -> list[dict]:
             _row("cutlass", "expert_offsets", (E + 1,), offsets, d, "expert first-token offsets"),
             _row("cutlass", "problem_sizes1", (E, 3), "int32", d),
             _row("cutlass", "problem_sizes2", (E, 3), "int32", d)]
-    if versions._legacy():
-        rows += [_row("cutlass", "a_map", (m * topk,), "int32", d), _row("cutlass", "c_map", (m * topk,), "int32", d)]
-    else:
-        rows += [_row("cutlass", "inv_perm", (m * topk,), "int32", d, "moe_permute inverse permutation")]
-    return rows
+    return rows + [_row("cutlass", name, shape, dtype, d, note) for name, shape, dtype, note in index_buffers]
 
 
 def buffers(sc: Scenario, num_tokens: int) -> pd.DataFrame:

@@ -445,6 +445,14 @@ def runner_output(req_ids: list[str], sampled: list[list[int]]):
 
 # --- moe ---
 
+def cutlass_index_buffers(rows: int) -> tuple[str, list[tuple[str, tuple, str, str]]]:
+    """The CUTLASS FP8 MoE path's expert-offset dtype and its permutation index buffers for ``rows`` = M x top-k:
+    0.10.x keeps a_map / c_map and int32 expert offsets; 0.20 permutes with moe_permute (int64 offsets)."""
+    if _legacy():
+        return "int32", [("a_map", (rows,), "int32", ""), ("c_map", (rows,), "int32", "")]
+    return "int64", [("inv_perm", (rows,), "int32", "moe_permute inverse permutation")]
+
+
 def moe_backend_of(layer) -> tuple[str, str]:
     """(backend, experts kernel) that vLLM's MoE quant method on ``layer`` selects (call under layers.rank0)."""
     qm = layer.quant_method
