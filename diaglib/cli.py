@@ -372,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, help="kernels working in parallel (default: CPU cores, at most 4)")
     p.add_argument("--only", nargs="+", metavar="NAME", help="only notebooks whose file name contains NAME")
     p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("switches", help="the kill switches of this vLLM: spelling, layer, checked effect")
     _scenario_args(p)
     p.set_defaults(func=cmd_switches)
