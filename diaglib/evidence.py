@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import DiagError
-from .live.classify import faulting_kernel, scrub
+from .live.classify import faulting_kernel
+from .secrets import REDACTED, SECRET_NAME, scrub, secret_values
 
-SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
-_TOKEN_VALUE = re.compile(r"\b(?:hf_|sk-|ghp_|gho_|ghs_|github_pat_|xox[abp]-|AKIA)[A-Za-z0-9_\-]{8,}")
 INDUCTOR_KERNEL = re.compile(r"^triton_(?:poi|red|per|tem|for)_\w+$")
 # An error header of compute-sanitizer: "========= Invalid __global__ write of size 4 bytes", "========= Program hit
 # cudaErrorIllegalAddress ...", not its banner or closing summary; indented lines below it describe it.
@@ -73,14 +72,7 @@ TRACE_LIMIT = 200 << 20  # bytes of TORCH_TRACE logs copied into a bundle (large
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
     """The environment with secret-named variables and token-like values redacted."""
-    return {k: "<redacted>" if SECRET_NAME.search(k) else _scrub_value(str(v)) for k, v in sorted(env.items())}
-
-
-def secret_values(env: Mapping[str, str]) -> list[str]:
-    """Values of secret-named variables, to be cut from any text (short or numeric ones, such as
-    TOKENIZERS_PARALLELISM=false, would cut ordinary words out of logs and are left alone)."""
-    return sorted({v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= 8 and not v.isdigit()},
-                  key=len, reverse=True)
+    return {k: REDACTED if SECRET_NAME.search(k) else scrub(str(v)) for k, v in sorted(env.items())}
 
 
 def _env_name(key) -> bool:
@@ -88,21 +80,17 @@ def _env_name(key) -> bool:
     return isinstance(key, str) and re.fullmatch(r"[A-Z][A-Z0-9_]*", key) is not None
 
 
-def _scrub_value(text: str) -> str:
-    return _TOKEN_VALUE.sub("<redacted>", scrub(text))
-
-
 def clean(obj, secrets: list[str]):
     """``obj`` (JSON-like) with secret-named variables' values redacted and secrets cut from every string."""
     if isinstance(obj, Mapping):
-        return {k: "<redacted>" if _env_name(k) and SECRET_NAME.search(k) and isinstance(v, (str, int))
+        return {k: REDACTED if _env_name(k) and SECRET_NAME.search(k) and isinstance(v, (str, int))
                 else clean(v, secrets) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [clean(v, secrets) for v in obj]
     if isinstance(obj, str):
         for s in secrets:
-            obj = obj.replace(s, "<redacted>")
-        return _scrub_value(obj)
+            obj = obj.replace(s, REDACTED)
+        return scrub(obj)
     return obj
 
 

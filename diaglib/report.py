@@ -24,6 +24,7 @@ from pathlib import Path
 from . import versions
 from .errors import DiagError
 from .paths import ROOT, SCENARIOS
+from .secrets import SECRET_NAME, scrub
 
 NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 300
@@ -178,24 +179,15 @@ _CSS = """
 .jp-OutputArea-output pre, .jp-RenderedText pre { white-space: pre !important; overflow-x: auto; }
 """
 
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIAL|AUTH", re.I)
-_SECRET_TEXT = [
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}\b"),                      # Hugging Face tokens
-    re.compile(r"\b(?:sk|ghp|gho|github_pat|xox[abp])[-_][A-Za-z0-9_-]{16,}\b"),
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),                          # AWS access key ids
-    re.compile(r"(?i)\b((?:[A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|API_?KEY))\s*[=:]\s*)[^\s'\"]{6,}"),
-]
 REDACTED = "[redacted]"
 
 
 def redact(text: str) -> str:
     """``text`` with secret-looking values (tokens, keys, this environment's secret variables) replaced."""
     for name, value in os.environ.items():
-        if _SECRET_NAME.search(name) and len(value) >= 8:
+        if SECRET_NAME.search(name) and len(value) >= 8:
             text = text.replace(value, REDACTED)
-    for pat in _SECRET_TEXT:
-        text = pat.sub(lambda m: (m.group(1) if m.re.groups else "") + REDACTED, text)
-    return text
+    return scrub(text, REDACTED)
 
 
 def _redact_nb(nb) -> None:

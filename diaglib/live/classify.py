@@ -11,6 +11,8 @@ import re
 import signal
 from dataclasses import asdict, dataclass
 
+from ..secrets import scrub
+
 OUTCOMES = ("ok", "illegal_memory_access", "cuda_error", "out_of_memory", "compile_error", "timeout",
             "python_error", "killed")
 
@@ -33,8 +35,6 @@ _SANITIZER_KERNEL = re.compile(r"Invalid __\w+__ (?:write|read) of size \d+ byte
                                r"([A-Za-z_][\w:<>, ]*?)(?:\+0x[0-9a-f]+|\(|\s)", re.I)
 _TRITON_KERNEL = re.compile(r"\b(triton_(?:poi|red|per|tem|for)_fused\w*)\b")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-_SECRET = re.compile(r"\b(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9_-]{16,}|gh[pousr]_[A-Za-z0-9]{20,}|"
-                     r"AKIA[0-9A-Z]{16}|xox[abp]-[A-Za-z0-9-]{10,})\b")
 
 
 @dataclass
@@ -49,11 +49,6 @@ class Outcome:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def scrub(text: str) -> str:
-    """Replace token-like secrets (Hugging Face, OpenAI, GitHub, AWS, Slack) in free text."""
-    return _SECRET.sub("<redacted>", text)
 
 
 def classify(log: str, *, returncode: int | None, timed_out: bool = False, report: dict | None = None,

@@ -25,7 +25,8 @@ import pandas as pd
 from ..errors import DiagError
 from ..paths import ROOT
 from . import store
-from .classify import classify, scrub
+from ..secrets import scrub
+from .classify import classify
 from .engine import EngineSpec
 from .observe import NvmlTimeline, gpu_count, logged_figures
 

@@ -16,10 +16,9 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from ..errors import DiagError
-from .classify import scrub
+from ..secrets import REDACTED, SECRET_NAME, scrub
 
 _LOCK = threading.Lock()
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|AUTH|COOKIE|PRIVATE", re.I)
 # Environment variables worth keeping in a record (everything else is left out, not just redacted).
 _ENV_KEEP = re.compile(r"^(VLLM_|CUDA_|TORCH|PYTORCH_|NCCL_|TRITON_|HF_|TRANSFORMERS_|OMP_NUM_THREADS$)")
 
@@ -30,7 +29,7 @@ def redact_env(env: Mapping[str, str]) -> dict[str, str]:
     for k in sorted(env):
         if not _ENV_KEEP.match(k):
             continue
-        out[k] = "<redacted>" if _SECRET_NAME.search(k) else scrub(str(env[k]))
+        out[k] = REDACTED if SECRET_NAME.search(k) else scrub(str(env[k]))
     return out
 
 
