@@ -44,12 +44,14 @@ def outcome_name(result: Any) -> str:
 
 @dataclass(frozen=True)
 class Trial:
-    """One (switches, tokens) point: its outcome, and whether it was run now or known before."""
+    """One (switches, tokens) point: its outcome, and whether it was run now, known before, or decided by
+    vLLM's own checks without a run (``checked``: a switch set or prompt vLLM rejects)."""
 
     switches: frozenset
     tokens: int
     outcome: str
     ran: bool
+    checked: bool = False
 
 
 @dataclass
@@ -91,8 +93,9 @@ class BisectResult:
     def frame(self) -> pd.DataFrame:
         """The trials in order: switches (sorted, '+'-joined), tokens, outcome, ran."""
         return pd.DataFrame([{"switches": ",".join(sorted(t.switches)) or "(none)", "tokens": t.tokens,
-                              "outcome": t.outcome, "avoided": t.outcome == "ok", "ran": t.ran}
-                             for t in self.trials], columns=["switches", "tokens", "outcome", "avoided", "ran"])
+                              "outcome": t.outcome, "avoided": t.outcome == "ok",
+                              "source": "run" if t.ran else "vllm check" if t.checked else "store"}
+                             for t in self.trials], columns=["switches", "tokens", "outcome", "avoided", "source"])
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "fault": self.fault, "candidates": list(self.candidates),
@@ -101,7 +104,8 @@ class BisectResult:
                 "failing_high": self.failing_high, "passing_above": self.passing_above,
                 "pair": list(self.pair) if self.pair else None, "token_range": list(self.token_range),
                 "complete": self.complete, "runs": self.runs,
-                "known_used": sum(not t.ran for t in self.trials),
+                "known_used": sum(not t.ran and not t.checked for t in self.trials),
+                "checked_by_vllm": sum(t.checked for t in self.trials),
                 "side_effects": {",".join(sorted(k)): v for k, v in self.side_effects().items()}}
 
 
@@ -112,8 +116,9 @@ class _OutOfRuns(Exception):
 class _Memo:
     """Known and new results; runs the oracle only for points it has not seen, within the budget."""
 
-    def __init__(self, run: Oracle, known: Iterable[tuple[Iterable[str], int, Any]], max_runs: int | None):
-        self.run, self.max_runs, self.ran = run, max_runs, 0
+    def __init__(self, run: Oracle, known: Iterable[tuple[Iterable[str], int, Any]], max_runs: int | None,
+                 precheck: Callable[[frozenset, int], str | None] | None = None):
+        self.run, self.max_runs, self.ran, self.precheck = run, max_runs, 0, precheck
         self.seen: dict[tuple[frozenset, int], str] = {}
         for switches, tokens, result in known:
             self.seen[(frozenset(switches), int(tokens))] = outcome_name(result)
@@ -125,6 +130,11 @@ class _Memo:
             if not any(t.switches == switches and t.tokens == tokens for t in self.trials):
                 self.trials.append(Trial(switches, tokens, self.seen[key], ran=False))
             return self.seen[key]
+        decided = self.precheck(switches, tokens) if self.precheck else None
+        if decided is not None:
+            self.seen[key] = decided
+            self.trials.append(Trial(switches, tokens, decided, ran=False, checked=True))
+            return decided
         if self.max_runs is not None and self.ran >= self.max_runs:
             raise _OutOfRuns
         self.ran += 1
@@ -138,13 +148,15 @@ class _Memo:
 
 
 def bisect(run: Oracle, tokens: int, candidates: Sequence[str], *, token_range: tuple[int, int] | None = None,
-           known: Iterable[tuple[Iterable[str], int, Any]] = (), max_runs: int | None = None) -> BisectResult:
+           known: Iterable[tuple[Iterable[str], int, Any]] = (), max_runs: int | None = None,
+           precheck: Callable[[frozenset, int], str | None] | None = None) -> BisectResult:
     """Find a minimal set of ``candidates`` avoiding the fault at ``tokens``, and the nearest passing counts.
 
     ``candidates``: kill-switch names, broadest first (the broad ones are dropped first, so the narrowest
     switch that suffices is what remains). ``token_range``: (lo, hi) searched around ``tokens``
     (default: 1 .. tokens + 1). ``known``: (switches, tokens, result) already measured; the failing
     probe itself must be failing there or is run first. ``max_runs``: stop early (result incomplete).
+    ``precheck(switches, tokens)``: an outcome decided without a run (e.g. "rejected"), or None.
     """
     lo, hi = token_range or (1, tokens + 1)
     if not lo <= tokens <= hi or lo < 1:
@@ -152,7 +164,7 @@ def bisect(run: Oracle, tokens: int, candidates: Sequence[str], *, token_range: 
     names = tuple(candidates)
     if len(set(names)) != len(names):
         raise DiagError(f"duplicate kill switches: {sorted({n for n in names if names.count(n) > 1})}")
-    memo = _Memo(run, known, max_runs)
+    memo = _Memo(run, known, max_runs, precheck)
     base = frozenset()
     try:
         fault = memo.outcome(base, tokens)
@@ -262,7 +274,6 @@ def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: lis
                 probe_timeout_s: float = 600, ready_timeout_s: float = 1800, make_probe=None, engine=None) -> Oracle:
     """An oracle running one exact-length probe per call on the GPU, crash-isolated, recorded in the store.
 
-    A switch set vLLM rejects for this scenario answers "rejected" (counts as not avoiding the fault).
     ``make_probe(tokens, switches) -> Probe`` (key ``p<tokens>``): instead of one plain prompt, e.g. a
     planted fault;
     ``engine``: an EngineSpec to append the switches' flags to, instead of one planned from the scenario.
@@ -276,11 +287,6 @@ def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: lis
 
     def run(switches: frozenset, tokens: int) -> str:
         flags, env = sw.apply(sc, switches)
-        with sw.with_env(env):
-            try:
-                sc.derive(*flags)
-            except DiagError:
-                return "rejected"
         if engine is None:
             spec = plan(sc.command, models=sc.models, gpus=len(gpus) if gpus else max(gpu_count(), 1),
                         flags=flags, weights=weights)
@@ -298,6 +304,26 @@ def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: lis
         return str(hit.outcome.iloc[-1])
 
     return run
+
+
+def vllm_precheck(sc) -> Callable[[frozenset, int], str | None]:
+    """``precheck`` for ``bisect``: "rejected" where vLLM refuses the switch set for this scenario or would
+    refuse the prompt under it (its config validation and front-end length check, on the CPU), else None.
+    A rejected set counts as not avoiding the fault."""
+    from . import switches as sw
+    from . import versions
+
+    def check(switches: frozenset, tokens: int) -> str | None:
+        flags, env = sw.apply(sc, switches)
+        with sw.with_env(env):
+            try:
+                derived = sc.derive(*flags)
+                versions.check_prompt_len(derived.vllm_config, tokens)  # chunked-prefill-off caps max_model_len
+            except DiagError:
+                return "rejected"
+        return None
+
+    return check
 
 
 def describe(result: BisectResult, sc) -> tuple[dict, str]:
@@ -324,8 +350,16 @@ def describe(result: BisectResult, sc) -> tuple[dict, str]:
     if result.failing_low is not None and result.failing_high is not None:
         lines.append(f"failing counts {result.failing_low}..{result.failing_high}; nearest passing below: {below}, "
                      f"above: {above}")
+    rejected = [t.switches for t in result.trials if t.outcome == "rejected"]
     for s, outcome in data["side_effects"].items():
-        lines.append(f"note: with {s} the run ended in {outcome} instead (not counted as avoiding the fault)")
-    lines.append(f"runs: {result.runs} new, {data['known_used']} from the store")
+        if outcome != "rejected":
+            lines.append(f"note: with {s} the run ended in {outcome} instead (not counted as avoiding the fault)")
+    if rejected:
+        accepted = frozenset().union(*(t.switches for t in result.trials if t.outcome != "rejected"))
+        culprits = ", ".join(sorted(frozenset.intersection(*rejected) - accepted)) or "various combinations"
+        lines.append(f"note: vLLM rejects {len(rejected)} of the switch sets tried (culprit: {culprits}) for this "
+                     "scenario or prompt; they count as not avoiding the fault")
+    lines.append(f"runs: {result.runs} new, {data['known_used']} from the store, "
+                 f"{data['checked_by_vllm']} decided by vLLM's checks without a run")
     lines.append(result.frame().to_string(index=False))
     return data, "\n".join(lines)

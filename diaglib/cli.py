@@ -115,16 +115,17 @@ def cmd_sweep(args) -> None:
 
 def _sweep_live(args, lengths: list[int], knobs: dict) -> None:
     from . import livesweep as L
-    from .bisect import store_prefix
 
+    planted = _planted_probe(args.planted)
     gpus = _gpus(args.gpus)
     if gpus is None:
         raise DiagError("a live sweep runs probes on a GPU, and this host has none")
     sc = _load(args)
-    prefix = "sweep-" + store_prefix(sc).removeprefix("bisect-")
+    prefix = L.prefix(sc, args.planted)
     labels = [s.label for s in L.settings(sc, knobs)]
     rows = []
-    for row in L.stream(sc, lengths, knobs, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus):
+    for row in L.stream(sc, lengths, knobs, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus,
+                        make_probe=planted and (lambda n: planted(n, ()))):
         rows.append(row)
         if not args.json:
             done, total = L.progress(L.heatmap_frame(rows, lengths, labels))
@@ -231,24 +232,28 @@ def cmd_bisect(args) -> None:
     gpus = _gpus(args.gpus)
     sc = _load(args)
     candidates = names or sw.candidates(sc)
-    prefix = args.prefix or B.store_prefix(sc)
-    try:
-        base = plan(sc.command, models=sc.models, gpus=len(gpus or [0]), weights=args.weights).as_dict()
+    prefix = args.prefix or B.store_prefix(sc) + (f"-planted{args.planted}" if args.planted else "")
+    try:  # plain probes of other runs on the same engine count too (never for a planted rehearsal)
+        base = None if args.planted else plan(sc.command, models=sc.models, gpus=len(gpus or [0]),
+                                               weights=args.weights).as_dict()
     except DiagError:
         base = None  # no engine can be planned here (no weights, no stand-in): only this prefix's runs count
     known = B.known_from_store(args.store, prefix, base)
     if gpus is None and not any(not s and t == args.tokens for s, t, _ in known):
         raise DiagError(f"no result for {args.tokens} tokens in {args.store} and no GPU here to run it")
     run = B.live_oracle(sc, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus,
-                        probe_timeout_s=args.timeout)
+                        probe_timeout_s=args.timeout, make_probe=_planted_probe(args.planted))
     result = B.bisect(run, args.tokens, candidates, token_range=rng, known=known,
-                      max_runs=0 if gpus is None else args.max_runs)
+                      max_runs=0 if gpus is None else args.max_runs, precheck=B.vllm_precheck(sc))
     data, text = B.describe(result, sc)
     classes = fit(sc, data)
     fits = classes[classes.verdict == "fits"]
     text += "\nknown classes that fit: " + (", ".join(fits.id) or "none") + "".join(
         f"\n  {r.id}: {r.why}" for r in fits.itertuples())
-    _print(args, {**data, "store": str(args.store), "prefix": prefix,
+    if args.planted:
+        text = (f"REHEARSAL: a planted fault fires with CUDA graphs on in a forward pass of {args.planted} tokens\n"
+                + text)
+    _print(args, {**data, "planted": args.planted, "store": str(args.store), "prefix": prefix,
                   "classes": json.loads(classes.to_json(orient="records"))}, text)
 
 
@@ -261,30 +266,50 @@ def cmd_evidence(args) -> None:
     from .live.probe import exact
     from .observed import fit
 
+    if args.tokens < 1:
+        raise DiagError("--tokens must be >= 1")
     names = _switch_names(args.switches) or []
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in E.steps(Path("."))]
     if unknown or not steps:
         raise DiagError(f"unknown evidence step {unknown[0]!r}; known: {', '.join(E.steps(Path('.')))}"
                         if unknown else "no evidence steps given")
+    work = args.work or f"{args.out}.work"
+    failing = _planted_probe(args.planted)(args.tokens, ()) if args.planted else exact([args.tokens])[0]
     gpus = _gpus(args.gpus)
-    if gpus is None:
-        raise DiagError("evidence re-runs the failing probe on a GPU, and this host has none")
+    if gpus is None and not all(E.stored(work, s, failing.key) for s in steps):
+        raise DiagError("evidence re-runs the failing probe on a GPU, and this host has none "
+                        f"(only steps already run in {work} can be read back here)")
     sc = _load(args)
     flags, env = sw.apply(sc, names)
-    spec = plan(sc.command, models=sc.models, gpus=len(gpus), flags=flags, weights=args.weights)
-    spec.env.update(env)
-    work = args.work or f"{args.out}.work"
-    results = E.run_steps(spec, exact([args.tokens])[0], work, names=steps, gpus=gpus[:1],
-                          probe_timeout_s=args.timeout)
+    spec = None
+    if gpus is not None:
+        spec = plan(sc.command, models=sc.models, gpus=len(gpus), flags=flags, weights=args.weights)
+        spec.env.update(env)
+    results = E.run_steps(spec, failing, work, names=steps, gpus=(gpus or [None])[:1], probe_timeout_s=args.timeout)
+    built = (E.engine_record(work, steps) or {}).get("spec") or (spec.as_dict() if spec else {})
     about = {"scenario": sc.name, "command": sc.command, "vllm": sc.vllm_version, "gpu": sc.gpu.name,
-             "tokens": args.tokens, "switches": names, "engine": spec.command, "weights": spec.weights}
+             "tokens": args.tokens, "switches": names, "engine": built.get("command"), "weights": built.get("weights")}
+    if args.planted:
+        about["planted"] = (f"rehearsal: a planted Triton out-of-bounds write fires with CUDA graphs on in a "
+                            f"forward pass of {args.planted} tokens")
     kernel = E.findings(results, Path(work))["kernel"]
     classes = fit(sc, None, {"kernel": kernel})
     out = E.assemble(args.out, results, work, about=about, classes=classes)
     data = json.loads((out / "summary.json").read_text())
     _print(args, data, f"{out}/summary.html\nfaulting kernel: {data['kernel'] or 'not identified'}"
                        + (f" (from {data['kernel_from']})" if data["kernel"] else ""))
+
+
+def _planted_probe(at: int | None):
+    """``make_probe(tokens, switches)`` for a rehearsal with the graphs-only fault planted at ``at`` tokens."""
+    from .live.probe import in_forward
+
+    if at is None:
+        return None
+    if at < 1:
+        raise DiagError("--planted must be >= 1")
+    return lambda tokens, _switches=(): in_forward(tokens, at)
 
 
 def cmd_memory(args) -> None:
@@ -364,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="data/live/sweep.jsonl", help="--live: the live record store")
     p.add_argument("--gpus", help="--live: GPU indices to use, e.g. 0,1 (default: all)")
     p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="--live: model weights")
+    p.add_argument("--planted", type=int, metavar="N", help="--live rehearsal: plant a Triton out-of-bounds write "
+                   "that fires only with CUDA graphs on, in a forward pass of exactly N tokens")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="run every notebook headless and write self-contained HTML + index.html")
@@ -389,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="model weights for runs")
     p.add_argument("--gpus", help="GPU indices to use, e.g. 0,1 (default: all)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one probe may take (default 600)")
+    p.add_argument("--planted", type=int, metavar="N", help="rehearsal: plant a Triton out-of-bounds write that "
+                   "fires only with CUDA graphs on, in a forward pass of exactly N tokens")
     p.set_defaults(func=cmd_bisect)
 
     p = sub.add_parser("probe", help="crash-isolated probes of exact token counts on the GPU; --compare: "
@@ -417,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="auto", choices=["auto", "real", "standin"], help="model weights for runs")
     p.add_argument("--gpus", help="GPU index to use (default: the first)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one probe may take (default 600)")
+    p.add_argument("--planted", type=int, metavar="N", help="rehearsal: plant a Triton out-of-bounds write that "
+                   "fires only with CUDA graphs on, in a forward pass of exactly N tokens")
     p.set_defaults(func=cmd_evidence)
     return parser
 

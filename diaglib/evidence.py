@@ -11,9 +11,9 @@ value, no token-like string, every string escaped in the summary page.
 from __future__ import annotations
 
 import html
-import inspect
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import DiagError
-from .live.classify import faulting_kernel
+from .live.classify import caller, faulting_kernel
 from .secrets import REDACTED, SECRET_NAME, scrub, secret_values
 
 INDUCTOR_KERNEL = re.compile(r"^triton_(?:poi|red|per|tem|for)_\w+$")
@@ -42,18 +42,27 @@ class Step:
     shows: str = ""
 
 
-def steps(work: Path) -> dict[str, Step]:
-    """The debug-aid runs, their raw outputs under ``work/<step>/``."""
-    san = work / "sanitizer"
+def steps(work: Path, sanitizer: str = "compute-sanitizer") -> dict[str, Step]:
+    """The debug-aid runs, their raw outputs under ``work/<step>/`` (``sanitizer``: the tool's path)."""
     trace = work / "trace"
+
+    def memcheck(name: str) -> tuple[str, ...]:
+        # --launch-timeout 0: the child imports vLLM for longer than the default 10 s before its first CUDA call
+        return (sanitizer, "--tool", "memcheck", "--target-processes", "application-only", "--launch-timeout", "0",
+                "--print-limit", "20", "--log-file", str(work / name / "sanitizer.txt"))
+
     return {
-        "blocking": Step("blocking", {"CUDA_LAUNCH_BLOCKING": "1"},
+        "blocking": Step("blocking", {"CUDA_LAUNCH_BLOCKING": "1",
+                                      "DIAGLIB_MEMORY_SNAPSHOT": str(work / "blocking" / "memory_snapshot.pickle")},
                          shows="the kernel at which the fault surfaces, launches made synchronous "
-                               "(a fault inside a CUDA-graph replay still surfaces at the replay)"),
-        "sanitizer": Step("sanitizer", {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"},
-                          ("compute-sanitizer", "--tool", "memcheck", "--target-processes", "all",
-                           "--print-limit", "20", "--log-file", str(san / "sanitizer.txt")),
-                          "the first invalid access, its kernel and address"),
+                               "(a fault inside a CUDA-graph replay still surfaces at the replay); "
+                               "the caching allocator's history up to the fault"),
+        "sanitizer": Step("sanitizer", {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, memcheck("sanitizer"),
+                          "the first invalid access, its kernel and address (caching allocator off)"),
+        "sanitizer-cached": Step("sanitizer-cached", {}, memcheck("sanitizer-cached"),
+                                 "memcheck with the caching allocator on, run when it found nothing with it off "
+                                 "(PyTorch's CUDA graphs need the allocator): accesses outside every cached "
+                                 "block are still caught, stray ones inside a cached block are not"),
         "trace": Step("trace", {"TORCH_TRACE": str(trace / "torch_trace"), "VLLM_CACHE_ROOT": str(trace / "vllm_cache"),
                                 "TRITON_CACHE_DIR": str(trace / "triton_cache")},
                       shows="the Inductor source of the compiled graphs (tlparse input)"),
@@ -80,18 +89,30 @@ def _env_name(key) -> bool:
     return isinstance(key, str) and re.fullmatch(r"[A-Z][A-Z0-9_]*", key) is not None
 
 
-def clean(obj, secrets: list[str]):
-    """``obj`` (JSON-like) with secret-named variables' values redacted and secrets cut from every string."""
+def clean(obj, secrets: list[str], _done: dict | None = None):
+    """``obj`` (JSON-like) with secret-named variables' values redacted and secrets cut from every string.
+
+    Shared objects stay shared (equal strings become one), so a re-pickled memory snapshot stays as
+    small as the original.
+    """
+    done = {} if _done is None else _done
+    key = obj if isinstance(obj, str) else id(obj)
+    if key in done:
+        return done[key][1]
     if isinstance(obj, Mapping):
-        return {k: REDACTED if _env_name(k) and SECRET_NAME.search(k) and isinstance(v, (str, int))
-                else clean(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v, secrets) for v in obj]
-    if isinstance(obj, str):
+        out = {k: REDACTED if _env_name(k) and SECRET_NAME.search(k) and isinstance(v, (str, int))
+               else clean(v, secrets, done) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = [clean(v, secrets, done) for v in obj]
+    elif isinstance(obj, str):
+        out = obj
         for s in secrets:
-            obj = obj.replace(s, REDACTED)
-        return scrub(obj)
-    return obj
+            out = out.replace(s, REDACTED)
+        out = scrub(out)
+    else:
+        return obj
+    done[key] = (obj, out)  # the original is kept alive so its id is not reused
+    return out
 
 
 # --- what the outputs say ---------------------------------------------------------------------------
@@ -137,6 +158,45 @@ def kernel_source(root: Path, kernel: str) -> tuple[str, str] | None:
     return None
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain containers only (what torch's allocator snapshot holds); refuses any class."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: a memory snapshot holds plain data only")
+
+
+def read_snapshot(path: Path) -> dict | None:
+    """torch's caching-allocator snapshot (``_dump_snapshot``) as plain data, or None if absent or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = _PlainUnpickler(f).load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "segments" in data else None
+
+
+def snapshot_summary(snap: dict, last: int = 12) -> dict:
+    """Reserved and allocated bytes, the largest live blocks and the last allocator events before the dump."""
+    def frame(frames):
+        f = next((f for f in frames or [] if "site-packages/torch" not in str(f.get("filename", ""))), None)
+        return f"{f.get('name')} ({Path(str(f.get('filename'))).name}:{f.get('line')})" if f else None
+
+    blocks = [b for seg in snap["segments"] for b in seg.get("blocks", []) if b.get("state") == "active_allocated"]
+    largest = sorted(blocks, key=lambda b: -int(b.get("size", 0)))[:8]
+    events = [e for trace in snap.get("device_traces", []) for e in trace]
+    return {
+        "segments": len(snap["segments"]),
+        "reserved_bytes": sum(int(s.get("total_size", 0)) for s in snap["segments"]),
+        "allocated_bytes": sum(int(b.get("size", 0)) for b in blocks),
+        "largest_blocks": [{"bytes": int(b.get("size", 0)), "address": hex(int(b.get("address", 0))),
+                            "allocated_in": frame(b.get("frames"))} for b in largest],
+        "events": len(events),
+        "last_events": [{"action": e.get("action"), "bytes": int(e.get("size", 0)),
+                         "address": hex(int(e.get("addr", 0))), "in": frame(e.get("frames"))}
+                        for e in events[-last:]],
+    }
+
+
 def input_dump(log: str) -> str | None:
     """The engine's input dump on a crash (vLLM's dump_engine_exception log lines), if it wrote one."""
     lines = [ln[:20000] for ln in log.splitlines() if _DUMP.search(ln)]
@@ -156,50 +216,73 @@ class StepResult:
     sanitizer: str | None = None
 
 
-def _runner_takes_launcher() -> bool:
-    from .live import probe
-
-    return "launcher" in inspect.signature(probe.run).parameters
-
-
 def run_steps(engine, failing_probe, work: str | Path, *, names=DEFAULT_STEPS, gpus=None,
-              probe_timeout_s: float = 600, ready_timeout_s: float = 1800) -> list[StepResult]:
-    """Re-run ``failing_probe`` (diaglib.live.probe.Probe) on ``engine`` once per step, each in a fresh child."""
-    from .live import probe, store
+              probe_timeout_s: float = 600, ready_timeout_s: float = 1800,
+              sanitizer: str = "compute-sanitizer") -> list[StepResult]:
+    """Re-run ``failing_probe`` (diaglib.live.probe.Probe) on ``engine`` once per step, each in a fresh child.
 
+    When memcheck names no kernel with the caching allocator off (say the engine could not capture its CUDA
+    graphs without it), ``sanitizer-cached`` runs next.
+    """
     work = Path(work)
-    table = steps(work)
+    table = steps(work, sanitizer)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise DiagError(f"unknown evidence step {unknown[0]!r}; known: {', '.join(table)}")
     results = []
-    for name in names:
-        step = table[name]
-        d = work / name
-        d.mkdir(parents=True, exist_ok=True)
-        kw = {}
-        if step.launcher:
-            if not _runner_takes_launcher():
-                results.append(StepResult(step, None, "", skipped="the probe runner cannot start a child under "
-                                          "a launcher yet (diaglib.live.probe.run has no launcher argument)"))
-                continue
-            if shutil.which(step.launcher[0]) is None:
-                results.append(StepResult(step, None, "", skipped=f"{step.launcher[0]} is not on PATH"))
-                continue
-            kw["launcher"] = list(step.launcher)
+    queue = list(names)
+    while queue:
+        step = table[queue.pop(0)]
+        result = _run_step(step, engine, failing_probe, work, gpus, probe_timeout_s, ready_timeout_s)
+        results.append(result)
+        if (step.name == "sanitizer" and result.skipped is None and "sanitizer-cached" not in names
+                and not _named_access(result)):
+            queue.insert(0, "sanitizer-cached")
+    return results
+
+
+def stored(work: str | Path, step: str, key: str) -> bool:
+    """Whether ``work`` already holds the result of ``step`` for probe ``key`` (re-runs reuse it)."""
+    from .live import store
+
+    return key in store.done_keys(Path(work) / step / "records.jsonl", f"evidence-{step}")
+
+
+def engine_record(work: str | Path, steps) -> dict | None:
+    """The first engine record of the steps' runs: the engine that was actually built."""
+    from .live import store
+
+    return next((r for s in steps for r in store.read(Path(work) / s / "records.jsonl")
+                 if r.get("type") == "engine"), None)
+
+
+def _named_access(result: StepResult) -> bool:
+    """Whether a memcheck run reached the probe and named the kernel of an invalid access."""
+    first = sanitizer_first_error((result.sanitizer or "") + "\n" + result.log)
+    return (result.skipped is None and (result.record or {}).get("phase") == "probe"
+            and first is not None and first["kernel"] is not None)
+
+
+def _run_step(step: Step, engine, failing_probe, work: Path, gpus, probe_timeout_s, ready_timeout_s) -> StepResult:
+    from .live import probe, store
+
+    d = work / step.name
+    d.mkdir(parents=True, exist_ok=True)
+    if not stored(work, step.name, failing_probe.key):  # a step already run in this work folder is read back
+        if step.launcher and shutil.which(step.launcher[0]) is None:
+            return StepResult(step, None, "", skipped=f"{step.launcher[0]} is not on PATH")
         for v in step.env.values():
             if v.startswith(str(work)):
                 Path(v).parent.mkdir(parents=True, exist_ok=True)
-        probe.run([failing_probe], engine, store_path=d / "records.jsonl", run_name=f"evidence-{name}",
+        probe.run([failing_probe], engine, store_path=d / "records.jsonl", run_name=f"evidence-{step.name}",
                   gpus=gpus, probe_timeout_s=probe_timeout_s, ready_timeout_s=ready_timeout_s, log_dir=d / "logs",
-                  env=step.env, **kw)
-        recs = [r for r in store.read(d / "records.jsonl") if r.get("type") == "probe"]
-        log = "\n".join(p.read_text(errors="replace") for p in sorted((d / "logs").glob("*.log")))
-        san = work / "sanitizer" / "sanitizer.txt"
-        results.append(StepResult(step, recs[-1] if recs else None, log,
-                                  sanitizer=san.read_text(errors="replace") if name == "sanitizer" and san.exists()
-                                  else None))
-    return results
+                  env=step.env, launcher=list(step.launcher))
+    recs = store.read(d / "records.jsonl")
+    probes = [r for r in recs if r.get("type") == "probe"]
+    log = "\n".join(p.read_text(errors="replace") for p in sorted((d / "logs").glob("*.log")))
+    report = d / "sanitizer.txt"
+    return StepResult(step, probes[-1] if probes else None, log,
+                      sanitizer=report.read_text(errors="replace") if step.launcher and report.exists() else None)
 
 
 # --- the bundle -------------------------------------------------------------------------------------
@@ -207,25 +290,32 @@ def run_steps(engine, failing_probe, work: str | Path, *, names=DEFAULT_STEPS, g
 def findings(results: list[StepResult], work: Path) -> dict:
     """The bundle's facts: per-step outcomes, faulting kernel, sanitizer error, Inductor source, input dump."""
     out: dict = {"steps": [], "kernel": None, "kernel_from": None, "sanitizer_error": None,
-                 "inductor_source": None, "input_dump": None, "memory": None}
+                 "inductor_source": None, "input_dump": None, "memory": None, "memory_snapshot": None}
+    sanitizer_step = None
     for r in results:
         rec = r.record or {}
         row = {"step": r.step.name, "shows": r.step.shows, "env": r.step.env, "launcher": list(r.step.launcher),
                "skipped": r.skipped, "outcome": rec.get("outcome"), "detail": rec.get("detail"),
-               "kernel": rec.get("kernel"), "surfaced_at": rec.get("surfaced_at")}
+               "kernel": rec.get("kernel"), "surfaced_at": rec.get("surfaced_at"),
+               "caller": rec.get("caller") or (caller(r.log) if rec.get("outcome") not in (None, "ok") else None)}
         if r.skipped is None and not rec:
             row["detail"] = "the runner recorded no probe"
-        if r.sanitizer or r.step.name == "sanitizer":
+        if r.step.launcher:
             first = sanitizer_first_error((r.sanitizer or "") + "\n" + r.log)
             row["sanitizer_error"] = first
-            if first and out["sanitizer_error"] is None:
-                out["sanitizer_error"] = first
+            named = bool(first and first["kernel"])  # an invalid access in a kernel beats an API error
+            if first and (out["sanitizer_error"] is None or (named and not out["sanitizer_error"]["kernel"])):
+                out["sanitizer_error"], sanitizer_step = first, r.step.name
         out["steps"].append(row)
         out["input_dump"] = out["input_dump"] or input_dump(r.log)
         out["memory"] = out["memory"] or rec.get("memory")
+        snap = read_snapshot(Path(rec["memory_snapshot"])) if rec.get("memory_snapshot") else None
+        if snap and out["memory_snapshot"] is None:
+            out["memory_snapshot"] = {"step": r.step.name, **snapshot_summary(snap)}
     san = out["sanitizer_error"]
     if san and san.get("kernel"):
-        out["kernel"], out["kernel_from"] = san["kernel"], "compute-sanitizer"
+        cached = " with the caching allocator on" if sanitizer_step == "sanitizer-cached" else ""
+        out["kernel"], out["kernel_from"] = san["kernel"], f"compute-sanitizer memcheck{cached}"
     else:
         for name in ("blocking", "trace", "debuglog", "coredump"):
             k = next((s["kernel"] for s in out["steps"] if s["step"] == name and s["kernel"]), None)
@@ -276,6 +366,11 @@ def assemble(out: str | Path, results: list[StepResult], work: str | Path, *, ab
         (out / "inductor_kernel.py").write_text(facts["inductor_source"]["source"])
     if facts["input_dump"]:
         (out / "input_dump.txt").write_text(facts["input_dump"])
+    snap_step = (facts["memory_snapshot"] or {}).get("step")
+    rec = next((r.record for r in results if r.step.name == snap_step), None)
+    snap = read_snapshot(Path(rec["memory_snapshot"])) if rec else None
+    if snap:  # rewritten from plain data with secrets cut: https://pytorch.org/memory_viz opens it
+        (out / "memory_snapshot.pickle").write_bytes(pickle.dumps(clean(snap, secrets)))
     data = {"about": about, **facts,
             "classes": [] if classes is None else clean(json.loads(classes.to_json(orient="records")), secrets)}
     (out / "summary.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -292,6 +387,19 @@ def _classes_html(classes: list[dict]) -> str:
     return f"<table><tr><th>class</th><th>verdict</th><th>why</th></tr>{rows}</table>"
 
 
+def _snapshot_html(snap: dict | None) -> str:
+    if not snap:
+        return "<p>none recorded</p>"
+    gib = 1 << 30
+    head = (f"<p>From the {_e(snap['step'])} run: {snap['segments']} segments, "
+            f"{snap['reserved_bytes'] / gib:.2f} GiB reserved, {snap['allocated_bytes'] / gib:.2f} GiB allocated, "
+            f"{snap['events']} allocator events recorded.</p>")
+    rows = "".join(f"<tr><td>{_e(e['action'])}</td><td>{e['bytes']:,}</td><td>{_e(e['address'])}</td>"
+                   f"<td>{_e(e['in'])}</td></tr>" for e in snap["last_events"])
+    return head + ("<p>Last events before the dump:</p><table><tr><th>action</th><th>bytes</th><th>address</th>"
+                   f"<th>in</th></tr>{rows}</table>" if rows else "")
+
+
 def _e(v) -> str:
     return html.escape("" if v is None else str(v), quote=True)
 
@@ -301,7 +409,8 @@ def summary_html(data: dict) -> str:
     about = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v if isinstance(v, str) else json.dumps(v, default=str))}</td></tr>"
                     for k, v in data["about"].items())
     rows = "".join(
-        "<tr>" + "".join(f"<td>{_e(s.get(c))}</td>" for c in ("step", "outcome", "kernel", "surfaced_at", "detail"))
+        "<tr>" + "".join(f"<td>{_e(s.get(c))}</td>"
+                         for c in ("step", "outcome", "kernel", "surfaced_at", "caller", "detail"))
         + f"<td>{_e(s['skipped'] or s['shows'])}</td></tr>" for s in data["steps"])
     san = data["sanitizer_error"]
     src = data["inductor_source"]
@@ -319,7 +428,8 @@ def summary_html(data: dict) -> str:
         "<h1>Evidence: why the probe faults</h1>", f"<table>{about}</table>",
         f"<h2>Faulting kernel</h2><p><b>{_e(kernel or 'not identified')}</b>"
         + (f" (from {_e(data['kernel_from'])})" if kernel else "") + "</p>",
-        "<h2>Runs</h2><table><tr><th>step</th><th>outcome</th><th>kernel</th><th>surfaced at</th><th>detail</th>"
+        "<h2>Runs</h2><table><tr><th>step</th><th>outcome</th><th>kernel</th><th>surfaced at</th>"
+        "<th>called from (outside torch/Triton)</th><th>detail</th>"
         f"<th>shows / skipped</th></tr>{rows}</table>",
         "<h2>compute-sanitizer: first error</h2>"
         + (f"<pre>{_e(san['lines'])}</pre>" if san else "<p>none recorded</p>"),
@@ -329,7 +439,9 @@ def summary_html(data: dict) -> str:
         "<h2>Known bug classes</h2>" + _classes_html(data.get("classes") or []),
         "<h2>Memory</h2>"
         + (f"<pre>{_e(json.dumps(data['memory'], indent=1))}</pre>" if data["memory"] else "<p>none recorded</p>"),
-        "<p>Files: summary.json, environment.json (redacted), steps/&lt;step&gt;/log.txt, record.json"
-        "</p></body></html>",
+        "<h2>Caching-allocator snapshot</h2>" + _snapshot_html(data.get("memory_snapshot")),
+        "<p>Files: summary.json, environment.json (redacted), steps/&lt;step&gt;/log.txt, record.json, "
+        "sanitizer.txt; memory_snapshot.pickle (plain data, open it in https://pytorch.org/memory_viz); "
+        "torch_trace/ (tlparse input)</p></body></html>",
     ]
     return "\n".join(parts) + "\n"

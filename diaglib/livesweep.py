@@ -2,8 +2,9 @@
 
 Each knob setting is one engine (serve flags, env vars; checked with vLLM first) and one run in the live
 store; the prompt lengths are its probes. ``stream`` yields a row per probe as its record reaches the
-store, rows already stored first, so an interrupted sweep resumes where it stopped. ``heatmap_frame``
-turns rows into setting x token count, coloured by outcome (``OUTCOME_COLORS``).
+store, rows already stored first, so an interrupted sweep resumes where it stopped (``stored`` reads
+them without running anything; ``prefix`` names a scenario's runs). ``heatmap_frame`` turns rows into
+setting x token count, coloured by outcome (``OUTCOME_COLORS``).
 Knobs: those of ``diaglib sweep`` (schedule.knob_flags) plus ``switches`` (kill-switch sets, "none" or
 names joined by "&", e.g. ``switches=none,cudagraph-off,inductor-off&budget+1``).
 """
@@ -68,6 +69,25 @@ def run_name(prefix: str, setting: Setting) -> str:
     return f"{prefix}/{setting.label}"
 
 
+def prefix(sc, planted: int | None = None) -> str:
+    """The run-name prefix of a scenario's live sweeps (as ``diaglib sweep --live``): ``sweep-<digest>``;
+    with a planted rehearsal fault at ``planted`` tokens ``sweep-<digest>-planted<N>``, so never mixed."""
+    from .bisect import store_prefix
+
+    base = "sweep-" + store_prefix(sc).removeprefix("bisect-")
+    return base if planted is None else f"{base}-planted{int(planted)}"
+
+
+def stored(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_path: str | Path,
+           prefix: str) -> list[dict]:
+    """The rows of these lengths x settings the store already holds (what ``stream`` yields first); runs nothing."""
+    from .live import store
+
+    records, want = store.read(store_path), {int(n) for n in lengths}
+    return [r for s in settings(sc, knobs) for r in _rows(records, run_name(prefix, s), s, stored=True)
+            if r["tokens"] in want]
+
+
 def _rows(records: list[dict], name: str, setting: Setting, stored: bool) -> list[dict]:
     return [{"setting": setting.label, "tokens": sum(r["probe"]["prompts"]), "outcome": r.get("outcome"),
              "detail": r.get("detail"), "kernel": r.get("kernel"), "probe_s": r.get("probe_s"), "stored": stored}
@@ -76,12 +96,14 @@ def _rows(records: list[dict], name: str, setting: Setting, stored: bool) -> lis
 
 def stream(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_path: str | Path, prefix: str,
            weights: str = "auto", gpus: list[int] | None = None, probe_timeout_s: float = 600,
-           ready_timeout_s: float = 1800, poll_s: float = 0.5, engine=None, make_probe=None) -> Iterator[dict]:
+           ready_timeout_s: float = 1800, poll_s: float = 0.5, engine=None, make_probe=None,
+           stop: threading.Event | None = None) -> Iterator[dict]:
     """Yield one row per probe (COLUMNS) as it finishes, settings one after another; resumable.
 
     ``engine``: an EngineSpec to use instead of planning one from the scenario (its flags get the
     setting's appended); ``make_probe(tokens) -> Probe`` (key ``p<tokens>``): instead of one plain prompt,
-    e.g. a planted fault (``planted={"fault": "oob_write", "threshold": 8192}``).
+    e.g. a planted fault (``functools.partial(probe.in_forward, at=8192)``). ``stop``: once set, no new
+    probe or engine starts (the running probe finishes) and later settings yield only their stored rows.
     """
     from .live import probe, store
     from .live.engine import plan
@@ -95,7 +117,7 @@ def stream(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_pat
         name = run_name(prefix, setting)
         have = _rows(store.read(store_path), name, setting, stored=True)
         yield from have
-        if {r["tokens"] for r in have} >= set(lengths):
+        if {r["tokens"] for r in have} >= set(lengths) or (stop is not None and stop.is_set()):
             continue
         if engine is None:
             spec = plan(sc.command, models=sc.models, gpus=len(gpus) if gpus else max(gpu_count(), 1),
@@ -109,7 +131,7 @@ def stream(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_pat
             try:
                 probes = [make_probe(n) for n in lengths] if make_probe else probe.exact(lengths)
                 probe.run(probes, spec, store_path=store_path, run_name=name, gpus=gpus,
-                          probe_timeout_s=probe_timeout_s, ready_timeout_s=ready_timeout_s)
+                          probe_timeout_s=probe_timeout_s, ready_timeout_s=ready_timeout_s, stop=stop)
             except BaseException as e:  # noqa: BLE001 - re-raised in the generator's thread
                 errors.append(e)
 

@@ -415,3 +415,41 @@ def memory_predicted_observed(mem):
                  loc="left")
     fig.legend(loc="outside lower center", ncol=2)
     return fig
+
+
+def live_heatmap(grid, *, title: str | None = None):
+    """A live sweep's outcomes (diaglib.livesweep.heatmap_frame): knob setting (rows) x prompt tokens
+    (columns), one cell per probe coloured by outcome (livesweep.OUTCOME_COLORS), grey where still pending.
+    Built outside pyplot, so the live panel can draw it from its worker thread."""
+    import numpy as np
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from .livesweep import OUTCOME_COLORS
+
+    other = "#BBBBBB"  # an outcome without a colour of its own
+    with mpl.rc_context(_RC):
+        fig = Figure(figsize=(WIDTH_IN, 1.5 + 0.32 * len(grid.index)))
+        ax = fig.subplots()
+        ax.set_title(title or "Live sweep: outcome of each probe", loc="left")
+        if grid.empty:
+            _empty(ax, "no settings or token counts to show")
+            return fig
+        ax.imshow(np.array([[to_rgba(OUTCOME_COLORS.get(o, other)) for o in row] for row in grid.to_numpy()]),
+                  aspect="auto", interpolation="nearest")
+        cols, rows = list(grid.columns), list(grid.index)
+        step = -(-len(cols) // 24)  # at most 24 column labels
+        ax.set_xticks(range(0, len(cols), step), [f"{int(c):,}" for c in cols[::step]],
+                      rotation=90 if len(cols) > 12 else 0)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xticks(np.arange(len(cols) + 1) - 0.5, minor=True)
+        ax.set_yticks(np.arange(len(rows) + 1) - 0.5, minor=True)
+        ax.grid(False)
+        ax.grid(which="minor", color="white", lw=1.5)
+        ax.tick_params(which="minor", length=0)
+        ax.set_xlabel("prompt tokens (one probe each)")
+        present = [o for o in OUTCOME_COLORS if (grid == o).any().any()]
+        present += sorted({str(o) for o in grid.to_numpy().ravel()} - set(OUTCOME_COLORS))
+        fig.legend(handles=[Patch(facecolor=OUTCOME_COLORS.get(o, other), label=o.replace("_", " ")) for o in present],
+                   loc="outside lower center", ncol=min(len(present), 5))
+    return fig

@@ -132,7 +132,7 @@ def test_other_failures_do_not_count_as_avoided_and_are_reported():
     assert r.fault == "illegal_memory_access"
     assert r.minimal == {"cudagraph-off"}  # found although all switches on ran out of memory
     assert r.side_effects()[frozenset(SWITCHES)] == "out_of_memory"
-    assert r.frame().columns.tolist() == ["switches", "tokens", "outcome", "avoided", "ran"]
+    assert r.frame().columns.tolist() == ["switches", "tokens", "outcome", "avoided", "source"]
 
 
 def test_budget_stops_early_and_says_so():
@@ -178,9 +178,11 @@ def test_cli_bisect_reuses_the_store(scenario, scenario_name, tmp_path, capsys):
     from diaglib.bisect import store_prefix
     from diaglib.cli import main
 
+    from diaglib.bisect import vllm_precheck
+
     names = switches.candidates(scenario)
     truth = bisect(lambda s, t: "illegal_memory_access" if t == 8192 and "cudagraph-off" not in s else "ok",
-                   8192, names)
+                   8192, names, precheck=vllm_precheck(scenario))
     path = tmp_path / "live.jsonl"
     _store_trials(path, store_prefix(scenario), truth)
     rc = main(["bisect", scenario_name, "--tokens", "8192", "--store", str(path), "--json"])
@@ -264,3 +266,21 @@ def test_issue_bound_holds_for_catalogue_sized_k(seed):
     r = bisect(lambda s, x: a <= x <= b and not needed <= s, t, names, known=failing(t))
     assert r.minimal == needed and r.failing_low == a
     assert r.runs <= bound(k, 1, t + 1)
+
+
+def test_vllm_precheck_rejects_what_vllm_refuses_without_a_run(scenario):
+    """chunked-prefill-off caps max_model_len at the budget: vLLM's front end then refuses a prompt of exactly
+    the budget (no room for an output token); one token less is accepted. Sets decided so are no runs."""
+    from diaglib.bisect import vllm_precheck
+
+    check = vllm_precheck(scenario)
+    budget = scenario.vllm_config.scheduler_config.max_num_batched_tokens
+    assert check(frozenset({"chunked-prefill-off"}), budget) == "rejected"
+    assert check(frozenset({"chunked-prefill-off"}), budget - 1) is None
+    assert check(frozenset({"cudagraph-off"}), budget) is None
+    r = bisect(lambda s, t: "illegal_memory_access" if "cudagraph-off" not in s else "ok", budget,
+               ["chunked-prefill-off", "cudagraph-off"], precheck=check, token_range=(budget, budget))
+    assert r.minimal == {"cudagraph-off"}
+    assert r.runs == 2 and {t.switches for t in r.trials if t.checked} == {frozenset({"chunked-prefill-off",
+                                                                                     "cudagraph-off"})}
+    assert "vllm check" in set(r.frame().source)

@@ -147,7 +147,7 @@ def test_findings_take_the_sanitizer_kernel_and_its_inductor_source(tmp_path):
                      sanitizer=SANITIZER.replace("planted_oob_write_kernel", "triton_poi_fused_add_0")),
     ]
     f = E.findings(results, work)
-    assert (f["kernel"], f["kernel_from"]) == ("triton_poi_fused_add_0", "compute-sanitizer")
+    assert (f["kernel"], f["kernel_from"]) == ("triton_poi_fused_add_0", "compute-sanitizer memcheck")
     assert f["inductor_kernel"] and "xnumel = 41943040" in f["inductor_source"]["source"]
     assert "num_scheduled_tokens={'r0': 8192}" in f["input_dump"]
     assert f["memory"] == {"peak_allocated_gib": 1.5}
@@ -184,3 +184,80 @@ def test_cli_evidence_input_errors(scenario_name, tmp_path, capsys):
     if not real_gpu_present():
         assert main(["evidence", scenario_name, "--tokens", "8192", "-o", str(tmp_path / "b")]) == 2
         assert "this host has none" in capsys.readouterr().err
+
+
+FAKE_SANITIZER = """#!{python}
+# A stand-in for compute-sanitizer (not installed in CI): takes its options, notes the allocator setting in its
+# log file and runs the program in its place (exec), as the real tool runs its target.
+import os, sys
+args = sys.argv[1:]
+opts = {{}}
+while args and args[0].startswith("--"):
+    opts[args[0]], args = args[1], args[2:]
+with open(opts["--log-file"], "w") as f:
+    f.write("========= COMPUTE-SANITIZER\\n")
+    f.write("stand-in: PYTORCH_NO_CUDA_MEMORY_CACHING=%s\\n" % os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING"))
+os.execvp(args[0], args)
+"""
+
+
+def test_children_run_under_the_launcher_and_memcheck_retries_with_the_allocator_on(tmp_path):
+    """Through the real probe runner: the child runs under the launcher (recorded with the engine); memcheck
+    naming no kernel with the caching allocator off makes the cached run follow; a re-run reads both back."""
+    import sys
+
+    fake = tmp_path / "sanitizer"
+    fake.write_text(FAKE_SANITIZER.format(python=sys.executable))
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    probe = planted_fault("cuda_abort", key="p8192")
+    results = E.run_steps(no_engine(), probe, work, names=["sanitizer"], gpus=[None], probe_timeout_s=60,
+                          ready_timeout_s=60, sanitizer=str(fake))
+    assert [r.step.name for r in results] == ["sanitizer", "sanitizer-cached"]
+    off, on = results
+    assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in off.sanitizer and "PYTORCH_NO_CUDA_MEMORY_CACHING=None" in on.sanitizer
+    assert off.record["outcome"] == on.record["outcome"] == "illegal_memory_access"
+    engine = next(r for r in store.read(work / "sanitizer" / "records.jsonl") if r["type"] == "engine")
+    assert engine["launcher"].startswith(f"{fake} --tool memcheck")
+    again = E.run_steps(no_engine(), probe, work, names=["sanitizer"], gpus=[None], sanitizer="/nonexistent/tool")
+    assert [(r.step.name, r.skipped, r.record["outcome"]) for r in again] == [
+        ("sanitizer", None, "illegal_memory_access"), ("sanitizer-cached", None, "illegal_memory_access")]
+    assert E.stored(work, "sanitizer-cached", "p8192") and not E.stored(work, "blocking", "p8192")
+
+
+def _snapshot(secret: str) -> dict:
+    frame = {"filename": f"/home/{secret}/vllm/gpu_model_runner.py", "line": 6537, "name": "_allocate_kv_cache"}
+    frames = [frame, {"filename": "/x/site-packages/torch/cuda/memory.py", "line": 1, "name": "alloc"}]
+    blocks = [{"size": 4096 * (i + 1), "requested_size": 4096, "address": 0x7F0000000000 + i * 8192,
+               "state": "active_allocated" if i % 2 else "inactive", "frames": frames} for i in range(400)]
+    trace = [{"action": "alloc", "addr": 0x7F0000000000 + i, "size": 512, "stream": 0, "frames": frames}
+             for i in range(400)]
+    return {"segments": [{"device": 0, "address": 0x7F0000000000, "total_size": 1 << 30, "blocks": blocks}],
+            "device_traces": [trace]}
+
+
+def test_memory_snapshot_is_summarised_scrubbed_and_stays_small(tmp_path):
+    import pickle
+
+    secret = "hunter2-correct-horse"
+    path = tmp_path / "snap.pickle"
+    path.write_bytes(pickle.dumps(_snapshot(secret)))
+    snap = E.read_snapshot(path)
+    s = E.snapshot_summary(snap, last=3)
+    assert s["segments"] == 1 and s["reserved_bytes"] == 1 << 30
+    assert s["allocated_bytes"] == sum(4096 * (i + 1) for i in range(400) if i % 2)
+    assert s["largest_blocks"][0]["bytes"] == 4096 * 400 and s["events"] == 400 and len(s["last_events"]) == 3
+    assert s["largest_blocks"][0]["allocated_in"] == "_allocate_kv_cache (gpu_model_runner.py:6537)"
+    cleaned = E.clean(snap, [secret])
+    blob = pickle.dumps(cleaned)
+    assert secret.encode() not in blob and len(blob) <= 1.2 * path.stat().st_size  # shared frames stay shared
+
+
+def test_a_snapshot_holding_objects_is_refused(tmp_path):
+    import pickle
+    from collections import OrderedDict
+
+    path = tmp_path / "evil.pickle"
+    path.write_bytes(pickle.dumps(OrderedDict(segments=[])))  # any class reference is refused, not constructed
+    assert E.read_snapshot(path) is None
+    assert E.read_snapshot(tmp_path / "missing.pickle") is None

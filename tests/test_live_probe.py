@@ -166,3 +166,12 @@ def test_probes_spread_over_lanes_and_workloads_become_probes(tmp_path):
         P.from_workload(W.Workload((W.Req("a", 10), W.Req("d", 5, background=True)), "bg"))
     with pytest.raises(DiagError):
         P.Probe("x", [4, 4], max_tokens=[1])
+
+
+def test_a_set_stop_event_starts_nothing(tmp_path):
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    df = P.run(P.exact([5, 6]), no_engine(), store_path=tmp_path / "s.jsonl", run_name="r", gpus=[None], stop=stop)
+    assert df.empty and not (tmp_path / "s.jsonl").exists()

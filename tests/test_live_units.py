@@ -225,3 +225,19 @@ def test_cli_probe_bad_input_exits_2_and_compare_reads_records(capsys):
     assert main(["probe", "--compare", "--store", str(RECORDS / "live.jsonl"), "--run", "ckpt-fp8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["key"] for r in rows] == ["p8191", "p8192", "b8x1001+184"] and all(r["steps_match"] for r in rows)
+
+
+def test_caller_is_the_innermost_frame_outside_torch_and_triton():
+    """With CUDA_LAUNCH_BLOCKING=1 the fault surfaces in Triton's launcher; the caller is what launched it."""
+    tb = ('Traceback (most recent call last):\n'
+          '  File "/work/main/diaglib/live/child.py", line 200, in run\n'
+          '  File "/usr/lib/python3/site-packages/vllm/model_executor/models/glm4_moe.py", line 440, in forward\n'
+          '  File "/work/main/diaglib/live/planted.py", line 66, in oob_write\n'
+          '  File "/tmp/site/triton/runtime/jit.py", line 419, in <lambda>\n'
+          '  File "/usr/lib/python3/site-packages/torch/_inductor/runtime/triton_heuristics.py", line 9, in run\n'
+          '  File "/tmp/site/triton/backends/nvidia/driver.py", line 713, in __call__\n'
+          'RuntimeError: Triton Error [CUDA]: an illegal memory access was encountered\n')
+    out = C.classify(tb, returncode=1)
+    assert out.outcome == "illegal_memory_access"
+    assert out.surfaced_at == "__call__ (driver.py:713)" and out.caller == "oob_write (planted.py:66)"
+    assert C.caller('  File "<string>", line 1, in <module>\n') is None

@@ -1,6 +1,8 @@
 """A small real checkpoint in the GLM-4.6 layout (Glm4MoeForCausalLM), so that tests go through vLLM's real
 weight-loading path: config.json plus model.safetensors, bf16 or compressed-tensors FP8 (static per-channel
-weights, dynamic per-token activations, as GLM-4.6-FP8 ships)."""
+weights, dynamic per-token activations, as GLM-4.6-FP8 ships).
+
+``python -m diaglib.live.checkpoint DIR`` writes the FP8 one (the rehearsal scenario's model) into DIR."""
 from __future__ import annotations
 
 import json
@@ -120,3 +122,11 @@ def write_checkpoint(out_dir: str | Path, sizes: TinyGlm | None = None, *, fp8: 
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [1], "pad_token_id": 0}) + "\n")
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m diaglib.live.checkpoint DIR")
+    print(write_checkpoint(sys.argv[1]))

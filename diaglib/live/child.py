@@ -245,6 +245,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _record_memory_history() -> None:
+    """Record the caching allocator's events (Python stacks only: symbolising C++ frames takes minutes)."""
+    import torch
+
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
+
+
+def _dump_memory_snapshot(path: str) -> str:
+    """Write the allocator snapshot (pytorch.org/memory_viz reads it); host-side, so it works after a fault."""
+    import torch
+
+    try:
+        torch.cuda.memory._dump_snapshot(path)
+    except Exception as e:  # noqa: BLE001 - a snapshot is evidence, never a reason to lose the result
+        return f"not written: {type(e).__name__}: {e}"[:300]
+    return path
+
+
 def _fatal(exc: BaseException, dirty: bool) -> bool:
     """Whether the engine is unusable after ``exc``: any error once requests were in flight, or from CUDA."""
     return dirty or not isinstance(exc, (ValueError, KeyError)) or "CUDA" in str(exc)
@@ -261,6 +279,9 @@ def main(argv: list[str]) -> int:
 
     t0 = time.monotonic()
     spec = job["engine"]
+    snapshot = os.environ.get("DIAGLIB_MEMORY_SNAPSHOT") if spec["kind"] == "vllm" else None
+    if snapshot:
+        _record_memory_history()
     runner = VllmEngine(spec) if spec["kind"] == "vllm" else NoEngine()
     send({"event": "ready", "ready_s": round(time.monotonic() - t0, 3), "info": runner.info()})
     for line in sys.stdin:
@@ -277,6 +298,8 @@ def main(argv: list[str]) -> int:
         result.setdefault("probe_s", round(time.monotonic() - t1, 4))
         if spec["kind"] == "vllm":
             result["memory"] = observe.memory_summary()
+        if snapshot:
+            result["memory_snapshot"] = _dump_memory_snapshot(snapshot)
         send({"event": "result", "key": probe["key"], **result})
         if result.get("fatal"):
             proto.close()

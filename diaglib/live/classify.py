@@ -35,6 +35,7 @@ _SANITIZER_KERNEL = re.compile(r"Invalid __\w+__ (?:write|read) of size \d+ byte
                                r"([A-Za-z_][\w:<>, ]*?)(?:\+0x[0-9a-f]+|\(|\s)", re.I)
 _TRITON_KERNEL = re.compile(r"\b(triton_(?:poi|red|per|tem|for)_fused\w*)\b")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+_RUNTIME = re.compile(r"/(?:torch|triton)/|^<")  # frames of the runtime that reports a fault, not of its caller
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Outcome:
     detail: str
     kernel: str | None = None
     surfaced_at: str | None = None
+    caller: str | None = None
     excerpt: str = ""
 
     def as_dict(self) -> dict:
@@ -70,7 +72,8 @@ def classify(log: str, *, returncode: int | None, timed_out: bool = False, repor
         m = rx.search(text)
         if m:
             return Outcome(name, _line_at(text, m.start()), kernel=faulting_kernel(text),
-                           surfaced_at=surfaced_at(text), excerpt=_around(text, m.start(), excerpt_lines))
+                           surfaced_at=surfaced_at(text), caller=caller(text),
+                           excerpt=_around(text, m.start(), excerpt_lines))
     if report.get("status") == "error":
         detail = f"{report.get('exc_type', 'Exception')}: {report.get('message', '')}".strip()
         return Outcome("python_error", scrub(detail.splitlines()[0][:300]), surfaced_at=surfaced_at(text),
@@ -99,6 +102,16 @@ def faulting_kernel(text: str) -> str | None:
 def surfaced_at(text: str) -> str | None:
     """The innermost Python frame of the last traceback: where the error surfaced."""
     frames = _FRAME.findall(text)
+    if not frames:
+        return None
+    path, line, func = frames[-1]
+    return f"{func} ({path.rsplit('/', 1)[-1]}:{line})"
+
+
+def caller(text: str) -> str | None:
+    """The innermost frame of the last traceback outside torch and Triton: with CUDA_LAUNCH_BLOCKING=1,
+    the code that launched the faulting kernel (vLLM's model, a custom op, a planted kernel)."""
+    frames = [f for f in _FRAME.findall(text) if not _RUNTIME.search(f[0])]
     if not frames:
         return None
     path, line, func = frames[-1]

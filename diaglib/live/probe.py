@@ -91,6 +91,12 @@ def from_workload(workload, *, key: str | None = None) -> Probe:
                  max_tokens=[r.output_len for r in reqs])
 
 
+def in_forward(n: int, at: int, **kw) -> Probe:
+    """A rehearsal probe (key ``p<n>``): one prompt of ``n`` tokens, with the planted fault that fires only
+    inside a forward pass of exactly ``at`` tokens and only when the engine runs with CUDA graphs on."""
+    return Probe(f"p{int(n)}", [int(n)], planted={"fault": "oob_in_forward", "tokens": int(at)}, **kw)
+
+
 def planted_fault(fault: str, *, key: str | None = None, timeout_s: float | None = None, fresh: bool = False,
                   **params) -> Probe:
     """A probe that runs a planted fault (diaglib.live.planted) inside the child; ``params`` go to the fault."""
@@ -109,7 +115,8 @@ _ENGINES = itertools.count(1)  # engine ids are unique within this process (runs
 class _Child:
     """A probe child process, its protocol pipe and its log."""
 
-    def __init__(self, engine: EngineSpec, gpu: int | None, log_path: Path, extra_env: dict):
+    def __init__(self, engine: EngineSpec, gpu: int | None, log_path: Path, extra_env: dict,
+                 launcher: list[str] | None = None):
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         job = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="diaglib-job-", delete=False)
@@ -124,8 +131,8 @@ class _Child:
             self.env["CUDA_VISIBLE_DEVICES"] = str(gpu)
         self.log_start = log_path.stat().st_size if log_path.exists() else 0
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "diaglib.live.child", str(self.job)],
-                                         stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+            argv = [*(launcher or []), sys.executable, "-m", "diaglib.live.child", str(self.job)]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                          pass_fds=(w,), env=self.env, start_new_session=True, cwd=str(ROOT))
         os.close(w)
         self.fd, self.buf, self.t0 = r, b"", time.monotonic()
@@ -219,11 +226,14 @@ class _Lane:
 def run(probes: list[Probe], engine: EngineSpec, *, store_path: str | Path, run_name: str,
         gpus: list[int] | None = None, probe_timeout_s: float = 300, ready_timeout_s: float = 900,
         log_dir: str | Path | None = None, env: dict | None = None, max_engine_failures: int = 2,
-        deadline: float | None = None) -> pd.DataFrame:
+        deadline: float | None = None, stop: threading.Event | None = None,
+        launcher: list[str] | None = None) -> pd.DataFrame:
     """Run ``probes`` (skipping those the store holds for ``run_name``); returns the run's probe table.
 
     ``gpus``: device indices to spread over (default: all NVML sees, else one lane without a GPU).
-    ``deadline``: a time.monotonic() value after which no new probe or engine is started.
+    ``deadline``: a time.monotonic() value after which no new probe or engine is started; ``stop``: an
+    event that does the same once set (a Stop button). ``launcher``: an argv prefix the child runs under
+    (compute-sanitizer and its options); recorded with the engine.
     """
     keys = [p.key for p in probes]
     if len(set(keys)) != len(keys):
@@ -236,7 +246,7 @@ def run(probes: list[Probe], engine: EngineSpec, *, store_path: str | Path, run_
     log_dir = Path(log_dir) if log_dir else Path(store_path).parent / "logs" / run_name
     args = dict(engine=engine, store_path=Path(store_path), run_name=run_name, probe_timeout_s=probe_timeout_s,
                 ready_timeout_s=ready_timeout_s, log_dir=log_dir, env=env or {},
-                max_engine_failures=max_engine_failures, deadline=deadline)
+                max_engine_failures=max_engine_failures, deadline=deadline, stop=stop, launcher=list(launcher or []))
     threads = [threading.Thread(target=_run_lane, args=(lane,), kwargs=args) for lane in lanes if lane.probes]
     for t in threads:
         t.start()
@@ -246,18 +256,18 @@ def run(probes: list[Probe], engine: EngineSpec, *, store_path: str | Path, run_
 
 
 def _run_lane(lane: _Lane, *, engine, store_path, run_name, probe_timeout_s, ready_timeout_s, log_dir, env,
-              max_engine_failures, deadline) -> None:
+              max_engine_failures, deadline, stop, launcher) -> None:
     failures = 0
     try:
         for probe in lane.probes:
-            if deadline is not None and time.monotonic() > deadline:
+            if (deadline is not None and time.monotonic() > deadline) or (stop is not None and stop.is_set()):
                 return
             if probe.fresh and lane.child is not None:
                 lane.child.stop()
                 lane.child = None
             started = lane.child is None or not lane.child.alive()
             if started:
-                err = _start_engine(lane, engine, store_path, run_name, ready_timeout_s, log_dir, env)
+                err = _start_engine(lane, engine, store_path, run_name, ready_timeout_s, log_dir, env, launcher)
                 if err is not None:
                     failures += 1
                     _record_probe(store_path, run_name, lane, probe, err, {}, None, started=True,
@@ -272,20 +282,21 @@ def _run_lane(lane: _Lane, *, engine, store_path, run_name, probe_timeout_s, rea
             lane.child.stop()
 
 
-def _start_engine(lane, engine, store_path, run_name, ready_timeout_s, log_dir, env):
+def _start_engine(lane, engine, store_path, run_name, ready_timeout_s, log_dir, env, launcher):
     """Start a child engine; on failure return its classified outcome (and record the engine)."""
     lane.engine_id = f"{'cpu' if lane.gpu is None else f'gpu{lane.gpu}'}-{os.getpid()}-{next(_ENGINES)}"
     lane.seq = 0
     log = log_dir / f"{lane.engine_id}.log"
     t0 = time.monotonic()
     with NvmlTimeline(lane.gpu, period=0.5) as tl:
-        child = _Child(engine, lane.gpu, log, env)
+        child = _Child(engine, lane.gpu, log, env, launcher)
         msg, timed_out = child.message(ready_timeout_s)
     ready_s = round(time.monotonic() - t0, 3)
     text = child.read_log(child.log_start)
-    rec = {"type": "engine", "run": run_name, "engine_id": lane.engine_id, "gpu": lane.gpu,
-           "time": _now(), "pid": child.proc.pid, "ready_s": ready_s, "spec": engine.as_dict(), "logged": logged_figures(text),
-           "env": store.redact_env(child.env), "log": str(log), "nvml": tl.downsampled(300)}
+    rec = {"type": "engine", "run": run_name, "engine_id": lane.engine_id, "gpu": lane.gpu, "time": _now(),
+           "pid": child.proc.pid, "ready_s": ready_s, "spec": engine.as_dict(), "logged": logged_figures(text),
+           "env": store.redact_env(child.env), "launcher": scrub(" ".join(launcher)) or None, "log": str(log),
+           "nvml": tl.downsampled(300)}
     if msg is not None and msg.get("event") == "ready":
         lane.child, lane.engine_ready_s = child, ready_s
         store.append(store_path, {**rec, "outcome": "ok", "child_ready_s": msg.get("ready_s"),
@@ -334,7 +345,8 @@ def _record_probe(store_path, run_name, lane, probe, out, report, tl, *, started
         "engine_ready_s": lane.engine_ready_s, "phase": phase, "probe_s": probe_s,
         "child_probe_s": report.get("probe_s"), **out.as_dict(), "returncode": returncode,
         "steps": report.get("steps"), "forwards": report.get("forwards"), "output_tokens": report.get("output_tokens"),
-        "memory": report.get("memory"), "kernels": report.get("kernels"),
+        "memory": report.get("memory"), "memory_snapshot": report.get("memory_snapshot"),
+        "kernels": report.get("kernels"),
         "child_error": scrub(report.get("message", ""))[:500] or None,
         "nvml": tl.downsampled() if tl is not None else None,
     })

@@ -73,7 +73,7 @@ def done_keys(path: str | Path, run: str) -> set[str]:
     return {r["key"] for r in read(path) if r.get("type") == "probe" and r.get("run") == run}
 
 
-_PROBE_COLUMNS = ["run", "key", "outcome", "detail", "kernel", "surfaced_at", "gpu", "engine_id",
+_PROBE_COLUMNS = ["run", "key", "outcome", "detail", "kernel", "surfaced_at", "caller", "gpu", "engine_id",
                   "engine_seq", "engine_started", "engine_ready_s", "probe_s", "prompts", "total_tokens",
                   "n_steps", "observed_tokens", "observed_modes", "peak_allocated_gib", "nvml_peak_mib"]
 
