@@ -9,7 +9,6 @@ status line; the panel never raises.
 from __future__ import annotations
 
 import functools
-import html
 import io
 import threading
 from dataclasses import dataclass
@@ -209,8 +208,9 @@ class LivePanel:
         return str(self.store.relative_to(ROOT) if self.store.is_relative_to(ROOT) else self.store)
 
     def _say(self, text: str, error: bool = False) -> None:
-        colour = "#cf222e" if error else "#555"
-        self.status.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
+        from .widgets import status_html
+
+        self.status.value = status_html(text, error)
 
     def _ipython_display_(self):
         from IPython.display import display

@@ -192,13 +192,18 @@ class Panel:
         self._say(f"vLLM {s.vllm} answered in {time.monotonic() - t0:.1f} s")
 
     def _say(self, text: str, error: bool = False) -> None:
-        colour = "#cf222e" if error else "#555"
-        self.status.value = f'<span style="color:{colour}">{html.escape(text)}</span>'
+        self.status.value = status_html(text, error)
 
     def _ipython_display_(self):
         from IPython.display import display
 
         display(self.widget)
+
+
+def status_html(text: str, error: bool = False) -> str:
+    """A panel's status line: the text escaped, red for an error."""
+    colour = "#cf222e" if error else "#555"
+    return f'<span style="color:{colour}">{html.escape(text)}</span>'
 
 
 def panel(sc, **overrides) -> Panel:
