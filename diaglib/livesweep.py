@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -147,6 +148,22 @@ def stream(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_pat
             time.sleep(poll_s)
         if errors:
             raise errors[0]
+
+
+def recorded(store_path: str | Path, planted: int | None = None) -> list[dict]:
+    """Rows (COLUMNS) of every live sweep a store holds, setting = its run's label, read without vLLM (records
+    made elsewhere, by another vLLM); ``planted``: the rehearsal sweeps with their fault at that many tokens."""
+    from .live import store
+    from .paths import ROOT
+
+    path = Path(store_path) if Path(store_path).is_absolute() else ROOT / store_path
+    run = re.compile(r"^sweep-[0-9a-f]+" + (f"-planted{int(planted)}" if planted else "") + r"/(.+)$")
+    out = []
+    for r in store.read(path):
+        m = run.match(r.get("run", "")) if r.get("type") == "probe" else None
+        if m:
+            out += _rows([r], r["run"], Setting(m.group(1), (), ()), stored=True)
+    return out
 
 
 def _tail(path: str | Path, offset: int) -> tuple[list[dict], int]:

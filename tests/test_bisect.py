@@ -269,18 +269,25 @@ def test_issue_bound_holds_for_catalogue_sized_k(seed):
 
 
 def test_vllm_precheck_rejects_what_vllm_refuses_without_a_run(scenario):
-    """chunked-prefill-off caps max_model_len at the budget: vLLM's front end then refuses a prompt of exactly
-    the budget (no room for an output token); one token less is accepted. Sets decided so are no runs."""
+    """vLLM's own checks on the CPU: a prompt its front end refuses, and on 0.20.2 chunked-prefill-off (which
+    caps max_model_len at the budget) with a prompt of exactly the budget (no room for an output token)."""
+    from diaglib import switches
     from diaglib.bisect import vllm_precheck
 
     check = vllm_precheck(scenario)
     budget = scenario.vllm_config.scheduler_config.max_num_batched_tokens
+    max_len = scenario.vllm_config.model_config.max_model_len
+    assert check(frozenset(), max_len + 1) == "rejected"
+    assert check(frozenset(), budget) is None and check(frozenset({"cudagraph-off"}), budget) is None
+    if isinstance(switches.spelling(scenario)["chunked-prefill-off"], str):
+        return  # 0.10.1.1: the switch does not exist there
     assert check(frozenset({"chunked-prefill-off"}), budget) == "rejected"
     assert check(frozenset({"chunked-prefill-off"}), budget - 1) is None
-    assert check(frozenset({"cudagraph-off"}), budget) is None
-    r = bisect(lambda s, t: "illegal_memory_access" if "cudagraph-off" not in s else "ok", budget,
-               ["chunked-prefill-off", "cudagraph-off"], precheck=check, token_range=(budget, budget))
-    assert r.minimal == {"cudagraph-off"}
-    assert r.runs == 2 and {t.switches for t in r.trials if t.checked} == {frozenset({"chunked-prefill-off",
-                                                                                     "cudagraph-off"})}
-    assert "vllm check" in set(r.frame().source)
+
+
+def test_sets_decided_by_a_precheck_cost_no_run():
+    r = bisect(lambda s, t: "illegal_memory_access" if "b" not in s else "ok", 100, ["a", "b"],
+               precheck=lambda s, t: "rejected" if "a" in s else None, token_range=(100, 100))
+    assert r.minimal == {"b"} and r.runs == 2  # the failing probe, then {b}; {a, b} was decided without a run
+    assert [(sorted(t.switches), t.checked) for t in r.trials if t.checked] == [(["a", "b"], True)]
+    assert set(r.frame().source) == {"run", "vllm check"} and r.as_dict()["checked_by_vllm"] == 1

@@ -124,3 +124,16 @@ def test_run_streams_into_the_heatmap_stops_and_resumes(scenario, tmp_path):
     assert p.grid.loc["base"].tolist() == ["ok", "timeout", "ok"] and "finished: 3 of 3" in p.status.value
     assert (p.bar.value, p.bar.max) == (3, 3)
     assert sorted(r["key"] for r in store.read(path) if r["type"] == "probe") == ["p1", "p2", "p3"]
+
+
+def test_recorded_sweeps_are_read_without_vllm():
+    """The H200 rehearsal's sweep, read from its store by run label: graphs-on faults at 8192 and 8193 only."""
+    from diaglib import livesweep
+
+    rows = livesweep.recorded("data/live/h200-vllm-0.20.2-i7/live.jsonl", planted=8192)
+    grid = livesweep.heatmap_frame(rows)
+    assert list(grid.columns) == [8191, 8192, 8193]
+    assert set(grid.index) == {"switches=none", "switches=cudagraph-off", "switches=enforce-eager"}
+    faults = {(s, t) for s in grid.index for t in grid.columns if grid.loc[s, t] != "ok"}
+    assert faults == {("switches=none", 8192), ("switches=none", 8193)}
+    assert livesweep.recorded("data/live/h200-vllm-0.20.2-i7/live.jsonl") == []  # plain sweeps: none stored
