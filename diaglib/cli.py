@@ -125,7 +125,7 @@ def _sweep_live(args, lengths: list[int], knobs: dict) -> None:
     labels = [s.label for s in L.settings(sc, knobs)]
     rows = []
     for row in L.stream(sc, lengths, knobs, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus,
-                        make_probe=planted and (lambda n: planted(n, ()))):
+                        make_probe=planted):
         rows.append(row)
         if not args.json:
             done, total = L.progress(L.heatmap_frame(rows, lengths, labels))
@@ -275,7 +275,7 @@ def cmd_evidence(args) -> None:
         raise DiagError(f"unknown evidence step {unknown[0]!r}; known: {', '.join(E.steps(Path('.')))}"
                         if unknown else "no evidence steps given")
     work = args.work or f"{args.out}.work"
-    failing = _planted_probe(args.planted)(args.tokens, ()) if args.planted else exact([args.tokens])[0]
+    failing = _planted_probe(args.planted)(args.tokens) if args.planted else exact([args.tokens])[0]
     gpus = _gpus(args.gpus)
     if gpus is None and not all(E.stored(work, s, failing.key) for s in steps):
         raise DiagError("evidence re-runs the failing probe on a GPU, and this host has none "
@@ -293,16 +293,17 @@ def cmd_evidence(args) -> None:
     if args.planted:
         about["planted"] = (f"rehearsal: a planted Triton out-of-bounds write fires with CUDA graphs on in a "
                             f"forward pass of {args.planted} tokens")
-    kernel = E.findings(results, Path(work))["kernel"]
-    classes = fit(sc, None, {"kernel": kernel})
-    out = E.assemble(args.out, results, work, about=about, classes=classes)
+    facts = E.findings(results, Path(work))
+    classes = fit(sc, None, {"kernel": facts["kernel"]})
+    out = E.assemble(args.out, results, work, about=about, classes=classes, facts=facts)
     data = json.loads((out / "summary.json").read_text())
     _print(args, data, f"{out}/summary.html\nfaulting kernel: {data['kernel'] or 'not identified'}"
                        + (f" (from {data['kernel_from']})" if data["kernel"] else ""))
 
 
 def _planted_probe(at: int | None):
-    """``make_probe(tokens, switches)`` for a rehearsal with the graphs-only fault planted at ``at`` tokens."""
+    """``make_probe(tokens[, switches])`` (bisect's and livesweep's) for a rehearsal with the graphs-only fault
+    planted at ``at`` tokens."""
     from .live.probe import in_forward
 
     if at is None:

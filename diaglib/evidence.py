@@ -331,12 +331,13 @@ def findings(results: list[StepResult], work: Path) -> dict:
 
 
 def assemble(out: str | Path, results: list[StepResult], work: str | Path, *, about: dict,
-             env: Mapping[str, str] | None = None, classes=None) -> Path:
+             env: Mapping[str, str] | None = None, classes=None, facts: dict | None = None) -> Path:
     """Write the bundle folder: summary.html, summary.json, environment.json, steps/<step>/ (scrubbed).
 
     ``about``: what was re-run (scenario command, tokens, switches, bisection result...), shown as given.
     ``env``: the environment the runs inherited (default: this process's), redacted.
     ``classes``: diaglib.observed.fit's frame, shown as the known classes that fit.
+    ``facts``: ``findings(results, work)`` when the caller has it already (it is not worked out twice).
     """
     out, work = Path(out), Path(work)
     if out.resolve() == work.resolve() or work.resolve() in out.resolve().parents:
@@ -345,7 +346,7 @@ def assemble(out: str | Path, results: list[StepResult], work: str | Path, *, ab
     for r in results:
         env.update(r.step.env)
     secrets = secret_values(env)
-    facts = clean(findings(results, work), secrets)
+    facts = clean(facts if facts is not None else findings(results, work), secrets)
     about = clean(dict(about), secrets)
     out.mkdir(parents=True, exist_ok=True)
     for r in results:
