@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
-# Create or update the virtual environment for one supported vLLM version:
+# Create or update the virtual environment for one supported vLLM version, with uv:
 #   scripts/venv.sh 0.20.2      -> .venvs/vllm-0.20.2: vLLM (envs/vllm-0.20.2.txt) + diaglib[dev], editable
-# A rerun does nothing unless envs/ or pyproject.toml changed; then it updates the environment in place.
+# Dependencies resolve as of the date in the file's "# exclude-newer:" line (a week after that release), so an
+# old vLLM gets the libraries it was released with. uv hard-links from its cache: a second environment with
+# the same torch costs seconds and little disk. A rerun does nothing unless envs/ or pyproject.toml changed.
 set -euo pipefail
 VERSION=${1:?usage: scripts/venv.sh VLLM_VERSION}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 REQ="$ROOT/envs/vllm-$VERSION.txt"
 [ -f "$REQ" ] || { echo "venv: vLLM $VERSION is not supported (no envs/vllm-$VERSION.txt)" >&2; exit 2; }
+UV=${UV:-$(command -v uv || echo "$ROOT/.venvs/tools/bin/uv")}
+[ -x "$UV" ] || { echo "venv: uv not found (make tools installs it into .venvs/tools)" >&2; exit 2; }
 VENV="$ROOT/.venvs/vllm-$VERSION"
 STAMP="$VENV/.diaglib-stamp"
 WANT=$(cat "$REQ" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then exit 0; fi
 start=$(date +%s)
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "venv: creating $VENV (vLLM $VERSION: several GB, a few minutes)"
-  "${PYTHON:-python3}" -m venv "$VENV"
+DATE=$(sed -n 's/^# exclude-newer: *//p' "$REQ")
+[ -x "$VENV/bin/python" ] || "$UV" venv -q --python "${PYTHON:-python3}" "$VENV"
+LOG="$VENV/install.log"
+if ! VIRTUAL_ENV="$VENV" "$UV" pip install ${DATE:+--exclude-newer "$DATE"} -r "$REQ" -e "$ROOT[dev]" >"$LOG" 2>&1; then
+  tail -40 "$LOG" >&2; echo "venv: uv failed (full log: $LOG)" >&2; exit 1
 fi
-LOG="$VENV/pip-install.log"
-if ! "$VENV/bin/python" -m pip install -q --upgrade pip -r "$REQ" -e "$ROOT[dev]" >"$LOG" 2>&1; then
-  grep -v "^WARNING: Location" "$LOG" | tail -40 >&2; echo "venv: pip failed (full log: $LOG)" >&2; exit 1
-fi
-"$VENV/bin/python" -c "import vllm, diaglib" >/dev/null
+"$VENV/bin/python" -c "import vllm, diaglib" >/dev/null 2>&1 || { echo "venv: vLLM $VERSION does not import" >&2; exit 1; }
 echo "$WANT" > "$STAMP"
-echo "venv: vLLM $VERSION ready in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1) at $VENV"
+echo "venv: vLLM $VERSION ready in $(( $(date +%s) - start )) s at $VENV"
