@@ -14,9 +14,9 @@ import io
 import pstats
 import time
 
-from diaglib import versions
+from diaglib import compat
+from diaglib.predict.schedule import sweep
 from diaglib.scenario import load
-from diaglib.schedule import sweep
 
 LENGTHS = range(8100, 8301)
 KNOBS = {"max_num_batched_tokens": [8191, 8192], "enforce_eager": ["off", "on"]}
@@ -24,7 +24,7 @@ KNOBS = {"max_num_batched_tokens": [8191, 8192], "enforce_eager": ["off", "on"]}
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("scenario", nargs="?", default="default" if not versions._legacy() else "seed-vllm-0.10.1.1")
+    ap.add_argument("scenario", nargs="?", default="default")
     ap.add_argument("--profile", action="store_true", help="cProfile the sweep and print the top functions")
     ap.add_argument("--decoders", type=int, default=0, help="concurrent decoders with every prompt")
     args = ap.parse_args()
@@ -41,7 +41,7 @@ def main() -> None:
         prof.disable()
     dt = time.perf_counter() - t1
     points = len(LENGTHS) * len(KNOBS["max_num_batched_tokens"]) * len(KNOBS["enforce_eager"])
-    print(f"vLLM {versions.installed()}, scenario {args.scenario} (first load {t_load:.1f} s, not counted)")
+    print(f"vLLM {compat.installed()}, scenario {args.scenario} (first load {t_load:.1f} s, not counted)")
     print(f"{points} points ({len(df)} step rows, decoders {args.decoders}) in {dt:.2f} s: "
           f"{points / dt * 60:,.0f} points/min")
     if prof:

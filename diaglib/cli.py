@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from . import versions
+from . import compat
 from .errors import DiagError
 
 
@@ -29,14 +29,14 @@ def _print(args, data, text) -> None:
 
 
 def cmd_show(args) -> None:
-    from .summarize import format_text, summarize
+    from .predict.summarize import format_text, summarize
 
     s = summarize(_load(args))
     _print(args, s, format_text(s))
 
 
 def cmd_report(args) -> int:
-    from .report import ReportError, build
+    from .present.report import ReportError, build
 
     try:
         pages = build(args.scenario, out=args.out, cmd=args.cmd, gpu=args.gpu, gpu_count=args.gpu_count,
@@ -58,7 +58,7 @@ def _records(data: dict) -> dict:
 
 
 def cmd_moe(args) -> None:
-    from .moe import format_text, launches
+    from .predict.moe import format_text, launches
 
     sc = _load(args)
     tokens = sc.vllm_config.scheduler_config.max_num_batched_tokens if args.tokens is None else args.tokens
@@ -67,7 +67,7 @@ def cmd_moe(args) -> None:
 
 
 def cmd_dispatch(args) -> None:
-    from .dispatch import dispatch_table
+    from .predict.dispatch import dispatch_table
 
     df = dispatch_table(_load(args), args.tokens, decode=args.decode)
     _print(args, json.loads(df.to_json(orient="records")), _dispatch_text(df))
@@ -80,8 +80,8 @@ def _dispatch_text(df) -> str:
 
 
 def cmd_trace(args) -> None:
-    from .schedule import format_trace, trace
-    from .workload import prompts, with_decoders
+    from .predict.schedule import format_trace, trace
+    from .predict.workload import prompts, with_decoders
 
     if args.decoders and len(args.prompt) != 1:
         raise DiagError("--decoders goes with exactly one --prompt")
@@ -94,7 +94,7 @@ def cmd_trace(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from .schedule import format_sweep, parse_knob, parse_lengths, sweep
+    from .predict.schedule import format_sweep, parse_knob, parse_lengths, sweep
 
     knobs = dict(parse_knob(k) for k in args.knob or [])
     if args.live:
@@ -114,7 +114,7 @@ def cmd_sweep(args) -> None:
 
 
 def _sweep_live(args, lengths: list[int], knobs: dict) -> None:
-    from . import livesweep as L
+    from .live import livesweep as L
 
     planted = _planted_probe(args.planted)
     gpus = _gpus(args.gpus)
@@ -140,7 +140,7 @@ def _gib(value: float | None) -> int | None:
 
 
 def _switch_names(text: str | None) -> list[str] | None:
-    from .switches import BY_NAME
+    from .predict.switches import BY_NAME
 
     if text is None:
         return None
@@ -213,17 +213,17 @@ def cmd_probe(args) -> None:
 
 
 def cmd_switches(args) -> None:
-    from .switches import format_text, verify
+    from .predict.switches import format_text, verify
 
     df = verify(_load(args))
     _print(args, json.loads(df.to_json(orient="records")), format_text(df))
 
 
 def cmd_bisect(args) -> None:
-    from . import bisect as B
-    from . import switches as sw
+    from .live import bisect as B
     from .live.engine import plan
-    from .observed import fit
+    from .live.observed import fit
+    from .predict import switches as sw
 
     if args.tokens < 1:
         raise DiagError("--tokens must be >= 1")
@@ -260,11 +260,11 @@ def cmd_bisect(args) -> None:
 def cmd_evidence(args) -> None:
     from pathlib import Path
 
-    from . import evidence as E
-    from . import switches as sw
+    from .live import evidence as E
     from .live.engine import plan
+    from .live.observed import fit
     from .live.probe import exact
-    from .observed import fit
+    from .predict import switches as sw
 
     if args.tokens < 1:
         raise DiagError("--tokens must be >= 1")
@@ -314,15 +314,15 @@ def _planted_probe(at: int | None):
 
 
 def cmd_memory(args) -> None:
-    from .memory import format_text, layout
+    from .predict.memory import format_text, layout
 
     info = layout(_load(args))
     _print(args, _records(info), format_text(info))
 
 
 def cmd_boundaries(args) -> None:
-    from .boundaries import around, boundaries, format_text, summary
-    from .known_issues import match
+    from .predict.boundaries import around, boundaries, format_text, summary
+    from .predict.known_issues import match
 
     sc = _load(args)
     df = boundaries(sc)
@@ -337,7 +337,7 @@ def cmd_boundaries(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diaglib", description=__doc__)
-    parser.add_argument("--vllm", help=f"which installed vLLM answers ({', '.join(versions.SUPPORTED)}); "
+    parser.add_argument("--vllm", help=f"which installed vLLM answers ({', '.join(compat.supported())}); "
                                        "default: the scenario's, else this environment's")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -454,25 +454,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _wanted_version(args) -> str | None:
-    """The vLLM version that must answer: --vllm, else the scenario file's."""
-    if args.vllm:
-        return args.vllm
-    if getattr(args, "cmd", None) is None and hasattr(args, "scenario"):
-        from .scenario import find_scenario, read_scenario_file
+    """The vLLM version that must answer (scenario.answering_vllm): --vllm, else the scenario file's pin."""
+    from .scenario import answering_vllm, find_scenario, read_scenario_file
 
-        return read_scenario_file(find_scenario(args.scenario)).get("vllm")
-    return None
+    pinned = None
+    if args.vllm is None and getattr(args, "cmd", None) is None and hasattr(args, "scenario"):
+        pinned = read_scenario_file(find_scenario(args.scenario)).get("vllm")
+    return answering_vllm(args.vllm, pinned)[0]
 
 
 def _reexec_if_needed(args, argv: list[str]) -> None:
-    """Hand over to the project's environment for another vLLM version (scripts/venv.sh makes them)."""
+    """Hand over to the project's environment for another vLLM version (scripts/venv.sh makes them). The
+    arguments go over unchanged, so the other side finds the same reason (--vllm or the scenario's pin)."""
     wanted = _wanted_version(args)
-    if not wanted or wanted == versions.installed():
+    if not wanted or wanted == compat.installed():
         return
-    py = versions.venv_python(wanted)
-    rest = [a for i, a in enumerate(argv) if a != "--vllm" and not a.startswith("--vllm=")
-            and not (i > 0 and argv[i - 1] == "--vllm")]
-    os.execv(str(py), [str(py), "-m", "diaglib", "--vllm", wanted, *rest])
+    py = compat.venv_python(wanted)
+    os.execv(str(py), [str(py), "-m", "diaglib", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,12 +16,13 @@ import os
 import re
 import shlex
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import versions, whatif
+import tomllib
+
+from . import compat, whatif
 from .errors import DiagError
 from .gpus import GpuSpec, gpu_spec
 from .paths import DATA, DEFAULT_SCENARIO, SCENARIOS
@@ -44,6 +45,7 @@ class Scenario:
     vllm_config: Any
     vllm_version: str
     simulated: bool
+    vllm_why: str = "installed in this environment"
     source: Path | None = None
     models: dict[str, str] = field(default_factory=dict)
 
@@ -54,13 +56,14 @@ class Scenario:
     @property
     def verified(self) -> bool:
         """Whether this vLLM version is one diaglib's tests cover."""
-        return versions.is_verified(self.vllm_version)
+        return compat.is_verified(self.vllm_version)
 
     def derive(self, *flags: str, name: str | None = None) -> "Scenario":
         """The same scenario with serve flags appended (later flags win, as on vLLM's command line)."""
         command = self.command + " " + " ".join(shlex.quote(f) for f in flags)
-        return from_command(command, gpu=self.gpu, models=self.models, name=name or self.name,
-                            source=self.source)
+        sc = from_command(command, gpu=self.gpu, models=self.models, name=name or self.name, source=self.source)
+        sc.vllm_why = self.vllm_why
+        return sc
 
 
 # --- entry points -----------------------------------------------------------------------------------
@@ -69,8 +72,9 @@ def load(spec: str | Path | None = None, *, cmd: str | None = None, gpu: str | N
          gpu_count: int | None = None, vllm: str | None = None) -> Scenario:
     """Resolve a scenario file (path or name under data/scenarios) or a serve command line.
 
-    ``gpu``/``gpu_count`` override the file's GPU; ``vllm`` names the vLLM version that must answer
-    (default: the file's); it must be the one installed here.
+    ``gpu``/``gpu_count`` override the file's GPU. The vLLM that answers is the one installed here; ``vllm``
+    (``--vllm``) or the file's ``vllm = "X"`` line may ask for a version, which must then be the installed one
+    (the CLI hands over to the project's environment for it first). ``Scenario.vllm_why`` says which rule chose.
     """
     if cmd is not None and spec is not None:
         raise DiagError("give either a scenario file or --cmd, not both")
@@ -80,20 +84,30 @@ def load(spec: str | Path | None = None, *, cmd: str | None = None, gpu: str | N
     else:
         path = find_scenario(spec)
         data = read_scenario_file(path)
-    wanted = vllm or data.get("vllm")
-    have = versions.installed()
+    wanted, why = answering_vllm(vllm, data.get("vllm"))
+    have = compat.installed()
     if have is None:
         raise DiagError("vLLM is not installed in this Python environment")
-    if wanted and wanted != have:
-        raise DiagError(f"this scenario asks for vLLM {wanted}, but this environment has vLLM {have}; "
-                        f"run diaglib with --vllm {wanted}")
+    if wanted != have:
+        raise DiagError(f"{why}, but this environment has vLLM {have}; run diaglib with --vllm {wanted}")
     g = data.get("gpu", {})
     same_gpu = gpu is None or gpu_spec(gpu).name == gpu_spec(g.get("name", DEFAULT_GPU)).name
     spec_gpu = gpu_spec(gpu or g.get("name", DEFAULT_GPU), gpu_count or g.get("count", DEFAULT_GPU_COUNT),
                         g.get("memory_mib") if same_gpu else None)
     models = {k: str((path.parent / v).resolve()) if path else v for k, v in data.get("models", {}).items()}
-    return from_command(data["command"], gpu=spec_gpu, models=models, name=data.get("name", "scenario"),
-                        source=path)
+    sc = from_command(data["command"], gpu=spec_gpu, models=models, name=data.get("name", "scenario"), source=path)
+    sc.vllm_why = why
+    return sc
+
+
+def answering_vllm(flag: str | None, pinned: str | None) -> tuple[str | None, str]:
+    """(version, why): the vLLM that must answer. ``--vllm`` first, then a scenario file's pin, else the one
+    installed in this environment."""
+    if flag:
+        return flag, f"--vllm {flag} asks for vLLM {flag}"
+    if pinned:
+        return pinned, f"the scenario file names vLLM {pinned}"
+    return compat.installed(), "installed in this environment"
 
 
 def find_scenario(spec: str | Path | None) -> Path:
@@ -135,7 +149,7 @@ def from_command(command: str, *, gpu: GpuSpec, models: dict[str, str] | None = 
         args.served_model_name = [tag]
     config = create_config(args, gpu)
     return Scenario(name=name, command=command, gpu=gpu, model_dir=model_dir, argv=argv, args=args,
-                    engine_args=config[0], vllm_config=config[1], vllm_version=versions.installed(),
+                    engine_args=config[0], vllm_config=config[1], vllm_version=compat.installed(),
                     simulated=simulated, source=source, models=dict(models or {}))
 
 
@@ -184,7 +198,7 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     """Parse with vLLM's own `vllm serve` parser; an unknown or malformed flag becomes a DiagError."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
 
-    parser = versions.flexible_argument_parser()(prog="vllm")
+    parser = compat.flexible_argument_parser()(prog="vllm")
     subparsers = parser.add_subparsers(dest="subparser")
     serve = ServeSubcommand().subparser_init(subparsers)
 

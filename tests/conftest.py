@@ -3,11 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from diaglib import versions
-
-# The scenario each supported vLLM version is tested on: the seed's command under that version.
-REFERENCE_SCENARIOS = {"0.20.2": "default", "0.10.1.1": "seed-vllm-0.10.1.1"}
-
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",
@@ -50,11 +45,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def scenario_name() -> str:
-    """Name of the seed scenario for the vLLM installed here."""
-    v = versions.installed()
-    if v not in REFERENCE_SCENARIOS:
-        pytest.skip(f"vLLM {v} has no reference scenario")
-    return REFERENCE_SCENARIOS[v]
+    """The seed scenario (data/scenarios/default.toml), answered by the vLLM installed here."""
+    return "default"
 
 
 @pytest.fixture(scope="session")

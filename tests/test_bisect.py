@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from diaglib.bisect import bisect, max_runs_for, outcome_name
 from diaglib.errors import DiagError
+from diaglib.live.bisect import bisect, max_runs_for, outcome_name
 
 SWITCHES = ("enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "budget+1", "moe-triton")
 
@@ -163,8 +163,8 @@ def test_outcome_names():
 # --- the CLI, on results already in a live store (no GPU needed) ---------------------------------------
 
 def _store_trials(path, prefix, result):
-    from diaglib.bisect import run_name
     from diaglib.live import store
+    from diaglib.live.bisect import run_name
 
     for t in result.trials:
         store.append(path, {"type": "probe", "run": run_name(prefix, t.switches), "key": f"p{t.tokens}",
@@ -174,11 +174,9 @@ def _store_trials(path, prefix, result):
 def test_cli_bisect_reuses_the_store(scenario, scenario_name, tmp_path, capsys):
     import json
 
-    from diaglib import switches
-    from diaglib.bisect import store_prefix
     from diaglib.cli import main
-
-    from diaglib.bisect import vllm_precheck
+    from diaglib.live.bisect import store_prefix, vllm_precheck
+    from diaglib.predict import switches
 
     names = switches.candidates(scenario)
     truth = bisect(lambda s, t: "illegal_memory_access" if t == 8192 and "cudagraph-off" not in s else "ok",
@@ -207,8 +205,8 @@ def test_cli_bisect_without_a_result_or_gpu_is_one_clear_error(scenario_name, tm
 def test_live_oracle_runs_real_children_and_the_store_answers_next_time(scenario, tmp_path):
     """Through diaglib.live's probe runner: CPU child processes, a planted abort with the CUDA runtime's
     illegal-address message at exactly 8192 tokens unless CUDA graphs are off (as the GPU check plants it)."""
-    from diaglib.bisect import known_from_store, live_oracle
     from diaglib.live import store
+    from diaglib.live.bisect import known_from_store, live_oracle
     from diaglib.live.engine import no_engine
     from diaglib.live.probe import Probe
 
@@ -232,14 +230,14 @@ def test_live_oracle_runs_real_children_and_the_store_answers_next_time(scenario
 
 
 def switches_flags(scenario, names):
-    from diaglib import switches
+    from diaglib.predict import switches
 
     return switches.apply(scenario, names)[0]
 
 
 def test_known_from_store_takes_plain_probes_of_the_same_engine(tmp_path):
-    from diaglib.bisect import known_from_store
     from diaglib.live import store
+    from diaglib.live.bisect import known_from_store
 
     spec = {"kind": "vllm", "argv": ["serve", "m"], "env": {}}
     path = tmp_path / "s.jsonl"
@@ -271,8 +269,8 @@ def test_issue_bound_holds_for_catalogue_sized_k(seed):
 def test_vllm_precheck_rejects_what_vllm_refuses_without_a_run(scenario):
     """vLLM's own checks on the CPU: a prompt its front end refuses, and on 0.20.2 chunked-prefill-off (which
     caps max_model_len at the budget) with a prompt of exactly the budget (no room for an output token)."""
-    from diaglib import switches
-    from diaglib.bisect import vllm_precheck
+    from diaglib.live.bisect import vllm_precheck
+    from diaglib.predict import switches
 
     check = vllm_precheck(scenario)
     budget = scenario.vllm_config.scheduler_config.max_num_batched_tokens

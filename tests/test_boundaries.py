@@ -5,9 +5,10 @@ import itertools
 
 import pytest
 
-from diaglib import boundaries, moe, schedule, versions, workload
-from diaglib.dispatch import dispatch
+from diaglib import compat
 from diaglib.errors import DiagError
+from diaglib.predict import boundaries, moe, schedule, workload
+from diaglib.predict.dispatch import dispatch
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def _at(df, axis, tokens, kind):
 
 
 def test_required_edges_for_the_seed(scenario, bmap):
-    comp = versions.compilation_summary(scenario.vllm_config)
+    comp = compat.compilation_summary(scenario.vllm_config)
     top = comp["max_cudagraph_capture_size"]
     assert len(_at(bmap, "step", top + 1, "cudagraph mode")) == 1 and top == 512  # 512 / 513
     assert len(_at(bmap, "step", 8193, "budget")) == 1  # 8192 / 8193
@@ -41,7 +42,7 @@ def test_required_edges_for_the_seed(scenario, bmap):
 
 
 def test_capture_size_edges_are_vllms_capture_sizes(scenario, bmap):
-    sizes = set(versions.compilation_summary(scenario.vllm_config)["cudagraph_capture_sizes"])
+    sizes = set(compat.compilation_summary(scenario.vllm_config)["cudagraph_capture_sizes"])
     graph = bmap[bmap["feature"] == "cudagraph"]
     assert set(graph["tokens"] - 1) == sizes
 
@@ -77,7 +78,7 @@ def test_kv_block_rule_matches_vllms_kv_cache_manager(scenario, bmap):
     for edge in bmap[bmap["kind"] == "KV block"]["tokens"]:
         for n in (edge - 1, edge):
             rid = f"kv{next(salt)}"
-            s.add_request(versions.new_request(rid, [1] * n, 1, eng.hasher, f"kv-test-{rid}"))
+            s.add_request(compat.new_request(rid, [1] * n, 1, eng.hasher, f"kv-test-{rid}"))
             out = s.schedule()
             assert out.num_scheduled_tokens[rid] == min(n, scenario.vllm_config.scheduler_config.max_num_batched_tokens)
             blocks = len(s.kv_cache_manager.get_block_ids(rid)[0])
@@ -100,9 +101,9 @@ def test_max_model_len_edge_is_vllms_own_check(scenario, bmap):
     mml = scenario.vllm_config.model_config.max_model_len
     row = bmap[bmap["kind"] == "max_model_len"].iloc[0]
     assert row["tokens"] in (mml, mml + 1)
-    versions.check_prompt_len(scenario.vllm_config, row["tokens"] - 1)
+    compat.check_prompt_len(scenario.vllm_config, row["tokens"] - 1)
     with pytest.raises(DiagError, match="would reject"):
-        versions.check_prompt_len(scenario.vllm_config, row["tokens"])
+        compat.check_prompt_len(scenario.vllm_config, row["tokens"])
 
 
 def test_bad_input(scenario):

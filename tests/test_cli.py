@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from diaglib import versions
+from diaglib import compat
 
 
 def run(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
@@ -15,13 +15,13 @@ def run(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess
 
 
 def test_show_json_is_what_vllm_resolved(scenario, scenario_name):
-    from diaglib.summarize import summarize
+    from diaglib.predict.summarize import summarize
 
     p = run("show", scenario_name, "--json")
     assert p.returncode == 0, p.stderr
     shown = json.loads(p.stdout)
     assert shown == json.loads(json.dumps(summarize(scenario), default=str))
-    assert shown["vllm_version"] == versions.installed()
+    assert shown["vllm_version"] == compat.installed()
 
 
 def test_show_text_names_every_boundary_setting(scenario_name):
@@ -34,9 +34,9 @@ def test_show_text_names_every_boundary_setting(scenario_name):
 
 
 def test_vllm_flag_hands_over_to_the_other_version():
-    other = next(v for v in versions.SUPPORTED if v != versions.installed())
+    other = next(v for v in compat.CI if v != compat.installed())
     try:
-        versions.venv_python(other)
+        compat.venv_python(other)
     except Exception as e:
         pytest.skip(str(e))
     p = run("--vllm", other, "show", "--json")

@@ -1,15 +1,15 @@
-"""diaglib.dispatch against vLLM's own dispatcher, padding and compile ranges (seed scenario)."""
+"""diaglib.predict.dispatch against vLLM's own dispatcher, padding and compile ranges (seed scenario)."""
 from __future__ import annotations
 
 import pytest
 
-from diaglib import versions
-from diaglib.dispatch import dispatch, dispatch_table, dispatcher
+from diaglib import compat
 from diaglib.errors import DiagError
+from diaglib.predict.dispatch import dispatch, dispatch_table, dispatcher
 
 
 def _capture_sizes(sc):
-    return sorted(versions.compilation_summary(sc.vllm_config)["cudagraph_capture_sizes"])
+    return sorted(compat.compilation_summary(sc.vllm_config)["cudagraph_capture_sizes"])
 
 
 @pytest.mark.parametrize("n", [513, 8191, 8192])
@@ -54,7 +54,7 @@ def test_dispatch_leaves_the_config_alone(scenario):
 
 
 def test_compile_range_holds_the_padded_size(scenario):
-    ranges = versions.compilation_summary(scenario.vllm_config)["compile_ranges"]
+    ranges = compat.compilation_summary(scenario.vllm_config)["compile_ranges"]
     assert ranges
     for n in (1, 7, 51, 52, 512, 513, 8192):
         d = dispatch(scenario, n)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from diaglib import evidence as E
 from diaglib.errors import DiagError
+from diaglib.live import evidence as E
 from diaglib.live import store
 from diaglib.live.engine import no_engine
 from diaglib.live.probe import planted_fault

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from diaglib import known_issues, moe, versions
+from diaglib import compat
 from diaglib.errors import DiagError
+from diaglib.predict import known_issues, moe
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_catalog_covers_the_reference_classes_with_links():
 
 
 def test_seed_classes_that_apply(scenario, matched):
-    comp = versions.compilation_summary(scenario.vllm_config)
+    comp = compat.compilation_summary(scenario.vllm_config)
     mnbt = scenario.vllm_config.scheduler_config.max_num_batched_tokens
     assert matched.loc["exactly-at-budget", "applies"] and matched.loc["exactly-at-budget", "threshold_tokens"] == mnbt
     assert matched.loc["compile-range-edge", "threshold_tokens"] == comp["compile_ranges"][-1][1] == 8192
@@ -38,7 +39,7 @@ def test_classic_moe_overflow_threshold_and_why(scenario, matched):
     assert row["threshold_tokens"] == 52_429
     assert not row["applies"]  # 0.20.2: int64 offs_token; 0.10.1.1: 32768-token chunks
     assert ("int64" in row["why"]) == moe.offs_token_int64()
-    assert ("chunks of 32768" in row["why"]) == versions._legacy()
+    assert ("chunks of 32768" in row["why"]) == compat._legacy()
     assert all(link.startswith("https://github.com/vllm-project/vllm/issues/") for link in row["links"])
 
 
@@ -48,7 +49,7 @@ def test_a_larger_budget_brings_the_int32_classes_in(scenario):
     assert big.loc["int32-token-offset", "applies"] and t <= 60000
     df = moe.buffers(scenario, t)
     assert df["max_offset"].max() > moe.INT32_MAX >= moe.buffers(scenario, t - 1)["max_offset"].max()
-    assert big.loc["moe-chunking-inductor", "applies"] == versions._legacy()
+    assert big.loc["moe-chunking-inductor", "applies"] == compat._legacy()
 
 
 def test_enforce_eager_removes_the_graph_classes(scenario):

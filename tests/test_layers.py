@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from diaglib import layers, versions
+from diaglib import compat
+from diaglib.predict import layers
 
 
 def test_moe_layer_is_vllms_fused_moe_with_rank_shapes(scenario):
@@ -57,7 +58,7 @@ def test_moe_backend_is_cutlass_fp8_as_vllms_method_says(scenario):
     b = layers.moe_backend(scenario)
     qm = layers.build_moe_layer(scenario).quant_method
     assert b["method"] == type(qm).__name__ == "CompressedTensorsW8A8Fp8MoEMethod"
-    if versions._legacy():
+    if compat._legacy():
         assert qm.use_cutlass and not qm.use_marlin
         assert b["backend"] == "CUTLASS FP8 (cutlass_moe_fp8)"
     else:
@@ -91,5 +92,5 @@ def test_dense_model_has_no_moe(tmp_path):
 def test_selected_experts_match_vllms_own_choice(scenario, tokens):
     layer = layers.build_moe_layer(scenario)
     with layers.rank0(scenario):
-        experts = versions.moe_experts(layer, tokens)
+        experts = compat.moe_experts(layer, tokens)
     assert type(experts).__name__ == "CutlassExpertsFp8"  # sm90: no small-batch Triton fallback

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from diaglib import versions
+from diaglib import compat
 from diaglib.errors import DiagError
 from diaglib.live import compare
 from diaglib.paths import DATA
 
 STORE = DATA / "live" / "h200-vllm-0.20.2" / "live.jsonl"
-pytestmark = pytest.mark.skipif(versions.installed() != "0.20.2", reason="records were made with vLLM 0.20.2")
+pytestmark = pytest.mark.skipif(compat.installed() != "0.20.2", reason="records were made with vLLM 0.20.2")
 
 
 @pytest.fixture(scope="module")

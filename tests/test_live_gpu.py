@@ -26,7 +26,7 @@ def test_small_real_checkpoint_probes_match_the_budget(tmp_path):
     d = write_checkpoint(tmp_path / "ck", fp8=True)
     spec = plan(f"vllm serve {d} --enable-chunked-prefill --max-num-batched-tokens 8192 --enforce-eager",
                 weights="real")
-    from diaglib import workload as W
+    from diaglib.predict import workload as W
 
     staggered = P.from_workload(W.Workload((W.Req("a", 8000, 2, 0), W.Req("b", 500, 3, 1)), "staggered"))
     df = P.run([P.Probe("p8193", [8193]), P.batch([1001] * 8 + [184]), staggered], spec,

@@ -152,7 +152,7 @@ def test_token_ids_stay_below_the_vocab_and_differ_between_probes():
 
 
 def test_probes_spread_over_lanes_and_workloads_become_probes(tmp_path):
-    from diaglib import workload as W
+    from diaglib.predict import workload as W
 
     path = tmp_path / "live.jsonl"
     df = P.run([P.Probe(f"k{i}", [4]) for i in range(6)], no_engine(), store_path=path, run_name="m",

@@ -209,18 +209,18 @@ def test_plan_with_weights_loads_them_for_real(tmp_path):
 # --- CLI -----------------------------------------------------------------------------------------------
 
 def test_cli_probe_bad_input_exits_2_and_compare_reads_records(capsys):
-    from diaglib import versions
+    from diaglib import compat
     from diaglib.cli import main as cli
 
     def main(argv):  # answer with the vLLM installed here (no hand-over to another environment)
-        return cli(["--vllm", versions.installed(), *argv])
+        return cli(["--vllm", compat.installed(), *argv])
 
     assert main(["probe", "--lengths", "9-3"]) == 2
     assert main(["probe", "--batch", "ax3"]) == 2
     assert main(["probe", "--lengths", "8192", "--store", str(RECORDS / "live.jsonl"), "--run", "x",
                  "--cmd", "vllm serve x", "--gpus", "zero"]) == 2
     capsys.readouterr()
-    if versions.installed() != "0.20.2":
+    if compat.installed() != "0.20.2":
         return  # the records were made with 0.20.2; its scheduler is what predicts them
     assert main(["probe", "--compare", "--store", str(RECORDS / "live.jsonl"), "--run", "ckpt-fp8", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

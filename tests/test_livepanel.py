@@ -7,12 +7,12 @@ import time
 import pytest
 from matplotlib.colors import to_rgba
 
-from diaglib import livepanel, plots
-from diaglib import livesweep as L
+from diaglib.live import livesweep as L
 from diaglib.live import probe as P
 from diaglib.live import store
 from diaglib.live.engine import no_engine
 from diaglib.live.observe import gpu_count
+from diaglib.present import livepanel, plots
 
 KNOBS = "switches=none,cudagraph-off"
 
@@ -93,7 +93,7 @@ def test_live_heatmap_draws_one_cell_per_probe_in_its_outcome_colour():
 
 
 def test_prefix_keeps_planted_runs_apart(scenario):
-    from diaglib.bisect import store_prefix
+    from diaglib.live.bisect import store_prefix
 
     plain = L.prefix(scenario)
     assert plain == "sweep-" + store_prefix(scenario).removeprefix("bisect-")  # what `diaglib sweep --live` writes
@@ -128,7 +128,7 @@ def test_run_streams_into_the_heatmap_stops_and_resumes(scenario, tmp_path):
 
 def test_recorded_sweeps_are_read_without_vllm():
     """The H200 rehearsal's sweep, read from its store by run label: graphs-on faults at 8192 and 8193 only."""
-    from diaglib import livesweep
+    from diaglib.live import livesweep
 
     rows = livesweep.recorded("data/live/h200-vllm-0.20.2-i7/live.jsonl", planted=8192)
     grid = livesweep.heatmap_frame(rows)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from diaglib import livesweep as L
 from diaglib.errors import DiagError
+from diaglib.live import livesweep as L
 from diaglib.live import store
 from diaglib.live.engine import no_engine
 from diaglib.live.probe import Probe

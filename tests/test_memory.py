@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from diaglib import layers, memory, moe, versions
+from diaglib import compat
+from diaglib.predict import layers, memory, moe
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_budget_adds_up_and_labels_estimates(scenario):
     assert sum(b.loc[p, "bytes"] for p in parts) == usable
     assert b.loc["weights", "kind"] == "exact"
     assert b.loc["activation peak (profile run)", "kind"] == "estimate"
-    kv_cfg, block_size, _ = versions.kv_cache_config(scenario.vllm_config, int(b.loc["KV cache", "bytes"]))
+    kv_cfg, block_size, _ = compat.kv_cache_config(scenario.vllm_config, int(b.loc["KV cache", "bytes"]))
     assert f"{kv_cfg.num_blocks} blocks of {block_size} tokens" in b.loc["KV cache", "how"]
 
 

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from diaglib import layers, moe, versions
+from diaglib import compat
 from diaglib.errors import DiagError
+from diaglib.predict import layers, moe
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def test_triton_geometry_at_8192_matches_vllm_facts(scenario, info8192):
     bm = info8192["triton_config"]["config"]["BLOCK_SIZE_M"]
     n = _buf(df, "triton", "sorted_token_ids")["numel"]
     assert n == 8192 * 8 + 160 * (bm - 1)  # the derived formula agrees with vLLM's moe_align_block_size
-    assert n == (75_616 if versions._legacy() else 85_856)
+    assert n == (75_616 if compat._legacy() else 85_856)
     assert _buf(df, "triton", "intermediate_cache1")["shape"] == (8192, 8, 384)
     assert _buf(df, "triton", "intermediate_cache2")["shape"] == (65536, 192)
     assert _buf(df, "triton", "intermediate_cache3")["shape"] == (8192, 8, 5120)
@@ -78,21 +79,21 @@ def test_triton_config_key_is_the_one_vllm_uses(h200):
         raw = json.loads(open(tc["path"]).read())
         assert raw[str(tc["key"])] == {k: v for k, v in tc["config"].items() if k != "SPLIT_K"}
         checked += 1
-    assert checked == (0 if versions._legacy() else 7)
+    assert checked == (0 if compat._legacy() else 7)
 
 
 def test_h20_has_no_tuned_file_for_e160_n192(scenario, info8192):
     tc = info8192["triton_config"]
     assert tc["file"] == "E=160,N=192,device_name=NVIDIA_H20,dtype=fp8_w8a8.json"
     assert not tc["found"]
-    if versions._legacy():
+    if compat._legacy():
         assert {k: tc["config"][k] for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M")} == \
             {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 8}
 
 
 def test_h200_config_comes_from_vllms_lookup(h200, scenario):
     tc = moe.triton_config(h200, 8192)
-    if versions._legacy():
+    if compat._legacy():
         assert not tc["found"]  # 0.10.1.1 ships E=160,N=192 only for A800 and H20-3e
         return
     assert tc["file"] == "E=160,N=192,device_name=NVIDIA_H200,dtype=fp8_w8a8.json" and tc["found"]
@@ -145,11 +146,11 @@ def test_grids_match_vllms_launch_wrapper(scenario, monkeypatch, m):
 
 
 def test_offs_token_int64_fix_is_read_from_the_installed_kernel():
-    assert moe.offs_token_int64() is (not versions._legacy())
+    assert moe.offs_token_int64() is (not compat._legacy())
 
 
 def test_activation_chunking_caps_the_workspaces(scenario):
-    chunk = versions.moe_chunk_size()
+    chunk = compat.moe_chunk_size()
     m = 40_000
     df = moe.buffers(scenario, m)
     if chunk is None:
@@ -165,7 +166,7 @@ def test_int32_threshold_is_exact_by_vllms_sizes(scenario):
     layer = layers.build_moe_layer(scenario)
     classic = 2**31 // (layer.top_k * layer.hidden_size) + 1
     row = th[(th["path"] == "triton") & (th["buffer"] == "intermediate_cache3")].iloc[0]
-    if versions.moe_chunk_size():
+    if compat.moe_chunk_size():
         assert row["tokens"] is None or row["tokens"] != row["tokens"]  # capped by chunking: never
     else:
         assert row["tokens"] == classic == 52_429

@@ -19,8 +19,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from diaglib import report
 from diaglib.paths import ROOT
+from diaglib.present import report
 
 NOTEBOOKS = report.notebooks()
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -224,10 +224,10 @@ def test_index_page_renders_in_chromium(built_report, browser):
     assert browser.problems() == []
 
 
-# --- the sweep panel (diaglib.widgets) --------------------------------------------------------------
+# --- the sweep panel (diaglib.present.widgets) --------------------------------------------------------------
 
 def test_panel_settings_become_serve_flags_vllm_resolves(scenario):
-    from diaglib import widgets
+    from diaglib.present import widgets
 
     s = widgets.defaults(scenario)
     assert (s.prompt_len, s.max_num_batched_tokens, s.chunked_prefill, s.tp) == (8192, 8192, True, 8)
@@ -240,7 +240,7 @@ def test_panel_settings_become_serve_flags_vllm_resolves(scenario):
 
 
 def test_panel_redraws_on_change_and_shows_a_rejected_setting_as_one_line(scenario):
-    from diaglib import widgets
+    from diaglib.present import widgets
 
     p = widgets.panel(scenario, prompt_len=8193)
     assert "answered" in p.status.value

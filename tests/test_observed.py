@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from diaglib.observed import EXPECT, fit
+from diaglib.live.observed import EXPECT, fit
 
 
 @pytest.fixture(scope="module")
 def matches(scenario):
-    from diaglib.known_issues import match
+    from diaglib.predict.known_issues import match
 
     return match(scenario)
 

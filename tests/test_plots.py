@@ -1,4 +1,4 @@
-"""diaglib.plots: one colour per phase and graph mode in every figure, the boundary marked, axes labelled."""
+"""diaglib.present.plots: one colour per phase and graph mode in every figure, the boundary marked, axes labelled."""
 from __future__ import annotations
 
 import matplotlib
@@ -9,13 +9,13 @@ import matplotlib.colors as mcolors  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
-from diaglib import plots  # noqa: E402
+from diaglib.present import plots  # noqa: E402
 
 BUDGET = 8192
 
 
 def _steps():
-    """A schedule as diaglib.schedule.trace returns it: prompts 8192 and 20 arriving together."""
+    """A schedule as diaglib.predict.schedule.trace returns it: prompts 8192 and 20 arriving together."""
     per_request = pd.DataFrame([
         {"step": 0, "req_id": "a", "tokens": 8192, "phase": "last-prefill-chunk"},
         {"step": 1, "req_id": "a", "tokens": 1, "phase": "decode"},
@@ -75,7 +75,7 @@ def test_step_composition_stacks_requests_by_phase_and_marks_padding_mode_and_bu
 def test_small_multiples_share_the_legend_and_label_once():
     per_request, per_step = _steps()
 
-    class T:  # what schedules() reads off a diaglib.schedule.Trace
+    class T:  # what schedules() reads off a diaglib.predict.schedule.Trace
         def __init__(self):
             self.per_request, self.per_step = per_request, per_step
 

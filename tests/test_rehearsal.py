@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from diaglib import evidence as E
-from diaglib import versions
+from diaglib import compat
+from diaglib.live import evidence as E
 from diaglib.live import planted
 from diaglib.paths import DATA
 
 RECORDS = DATA / "live" / "h200-vllm-0.20.2-i7"
 
-pytestmark = pytest.mark.skipif(versions.installed() != "0.20.2", reason="the records were made with vLLM 0.20.2")
+pytestmark = pytest.mark.skipif(compat.installed() != "0.20.2", reason="the records were made with vLLM 0.20.2")
 
 
 @pytest.fixture(autouse=True, scope="module")

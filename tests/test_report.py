@@ -1,4 +1,4 @@
-"""diaglib.report: parameter checks, injection, self-contained and escaped HTML, failures named by cell."""
+"""diaglib.present.report: parameter checks, injection, self-contained and escaped HTML, failures named by cell."""
 from __future__ import annotations
 
 import re
@@ -9,8 +9,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from diaglib import report
 from diaglib.errors import DiagError
+from diaglib.present import report
 
 EVIL = '<script>alert("x")</script><img src=x onerror=alert(1)>'
 

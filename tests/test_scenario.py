@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from diaglib import compat
 from diaglib import scenario as scn
-from diaglib import versions
 from diaglib.errors import DiagError
 from diaglib.gpus import gpu_spec
 
@@ -16,7 +16,8 @@ def test_scenario_file_names_command_gpu_and_version(scenario, scenario_name):
     assert scenario.command == data["command"] == SEED_CMD
     assert scenario.gpu.name == data["gpu"]["name"] and scenario.gpu.count == data["gpu"]["count"]
     assert scenario.gpu.memory_mib == data["gpu"]["memory_mib"]
-    assert scenario.vllm_version == data["vllm"] == versions.installed()
+    assert "vllm" not in data  # the default scenario is answered by the vLLM installed here
+    assert scenario.vllm_version == compat.installed() and scenario.vllm_why == "installed in this environment"
     assert (scenario.model_dir / "config.json").is_file()
 
 
@@ -36,12 +37,12 @@ def test_serve_parser_path_equals_vllm_engine_args(scenario):
                     "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             if hasattr(getattr(direct, section), key):
                 assert getattr(getattr(ours, section), key) == getattr(getattr(direct, section), key), key
-    assert versions.compilation_summary(ours) == versions.compilation_summary(direct)
+    assert compat.compilation_summary(ours) == compat.compilation_summary(direct)
 
 
 def test_compilation_summary_reads_vllm_objects(scenario):
     cc = scenario.vllm_config.compilation_config
-    s = versions.compilation_summary(scenario.vllm_config)
+    s = compat.compilation_summary(scenario.vllm_config)
     assert s["cudagraph_capture_sizes"] == sorted(cc.cudagraph_capture_sizes)
     assert s["cudagraph_mode"] == cc.cudagraph_mode.name
     assert s["max_cudagraph_capture_size"] == max(cc.cudagraph_capture_sizes)
@@ -73,7 +74,7 @@ def test_other_gpu_takes_its_own_memory_not_the_files(scenario_name):
 def test_derive_appends_flags_and_vllm_re_resolves(scenario):
     eager = scenario.derive("--enforce-eager")
     assert eager.vllm_config.model_config.enforce_eager
-    assert versions.compilation_summary(eager.vllm_config)["cudagraph_mode"] == "NONE"
+    assert compat.compilation_summary(eager.vllm_config)["cudagraph_mode"] == "NONE"
     assert scenario.derive("--max-num-batched-tokens", "8191").vllm_config.scheduler_config.max_num_batched_tokens == 8191
 
 
@@ -121,10 +122,10 @@ def test_scenario_file_problems(tmp_path):
 
 
 def test_other_vllm_version_is_refused_in_process(tmp_path):
-    other = next(v for v in versions.SUPPORTED if v != versions.installed())
+    other = next(v for v in compat.CI if v != compat.installed())
     f = tmp_path / "other.toml"
     f.write_text(f'command = "{SEED_CMD}"\nvllm = "{other}"\n')
-    with pytest.raises(DiagError, match=f"asks for vLLM {other}, but this environment has vLLM"):
+    with pytest.raises(DiagError, match=f"the scenario file names vLLM {other}, but this environment has vLLM"):
         scn.load(f)
 
 

@@ -1,13 +1,20 @@
-"""diaglib.schedule drives vLLM's own V1 scheduler (AsyncScheduler on 0.20.2): the behaviour issue 3 names."""
+"""diaglib.predict.schedule drives vLLM's own V1 scheduler (AsyncScheduler on 0.20.2): the behaviour issue 3 names."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from diaglib import versions
+from diaglib import compat
 from diaglib.errors import DiagError
-from diaglib.schedule import Engine, parse_knob, parse_lengths, sweep, trace
-from diaglib.workload import Req, Workload, prompts, single, summing_to, with_decoders
+from diaglib.predict.schedule import Engine, parse_knob, parse_lengths, sweep, trace
+from diaglib.predict.workload import (
+    Req,
+    Workload,
+    prompts,
+    single,
+    summing_to,
+    with_decoders,
+)
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +30,7 @@ def _tokens(tr):
 
 def test_scheduler_class_is_the_configs(scenario):
     eng = Engine(scenario, 20 << 30)
-    assert type(eng.scheduler).__name__ == versions.scheduler_summary(scenario.vllm_config)["scheduler_cls"].rsplit(".", 1)[-1]
+    assert type(eng.scheduler).__name__ == compat.scheduler_summary(scenario.vllm_config)["scheduler_cls"].rsplit(".", 1)[-1]
 
 
 def test_prompt_at_budget_is_one_step_then_decodes(scenario, budget):
@@ -51,7 +58,7 @@ def test_three_prompts_together(scenario):
 
 def test_async_engine_keeps_two_steps_in_flight(scenario):
     """Async scheduling: step k+1 is scheduled before step k's output is processed (batch queue 2)."""
-    flag = "--no-async-scheduling" if versions.scheduler_summary(scenario.vllm_config)["async_scheduling"] \
+    flag = "--no-async-scheduling" if compat.scheduler_summary(scenario.vllm_config)["async_scheduling"] \
         else "--async-scheduling"
     w = prompts(8192, 8193, 20000, output_len=3)
     runs = {}
@@ -59,7 +66,7 @@ def test_async_engine_keeps_two_steps_in_flight(scenario):
         eng = Engine(sc, 20 << 30)
         steps, _ = eng.run(w)
         runs[eng.queue_size] = [r["schedule"] for r in steps]
-        assert eng.queue_size == (2 if versions.scheduler_summary(sc.vllm_config)["async_scheduling"] else 1)
+        assert eng.queue_size == (2 if compat.scheduler_summary(sc.vllm_config)["async_scheduling"] else 1)
     assert set(runs) == {1, 2}
     assert runs[1][:3] == runs[2][:3] == ["a:8192L", "a:1D b:8191P", "a:1D b:2L c:8189P"]
     assert runs[1][-1] == runs[2][-1] == ""  # the last step only tells the workers which requests finished
@@ -109,13 +116,13 @@ def test_kv_memory_default_is_flagged_as_a_guess(scenario):
     given = trace(scenario, single(100), kv_memory_bytes=20 << 30)
     assert not given.kv["guessed"] and "given" in given.notes[0]
     cfg = scenario.vllm_config
-    per_block = versions.kv_cache_spec(cfg).page_size_bytes * cfg.model_config.get_num_layers(cfg.parallel_config)
+    per_block = compat.kv_cache_spec(cfg).page_size_bytes * cfg.model_config.get_num_layers(cfg.parallel_config)
     assert given.kv["num_blocks"] * per_block <= 20 << 30 < (given.kv["num_blocks"] + 1) * per_block
 
 
 def test_kv_capacity_comes_from_vllms_sizing(scenario):
     small = scenario.derive("--max-model-len", "4096")
-    spec = versions.kv_cache_spec(small.vllm_config)
+    spec = compat.kv_cache_spec(small.vllm_config)
     layers = small.vllm_config.model_config.get_num_layers(small.vllm_config.parallel_config)
     mem = 300 * spec.page_size_bytes * layers  # room for 300 blocks of 16 tokens
     tr = trace(small, prompts(2000, 2000, 2000, output_len=2), kv_memory_bytes=mem)
@@ -181,7 +188,7 @@ def test_rejected_knob_value_is_one_clear_line(scenario):
 
 
 def test_stalled_scheduler_is_reported(scenario):
-    if not versions._legacy():
+    if not compat._legacy():
         pytest.skip("0.20.2 rejects max_num_seqs 0 itself (see test_rejected_knob_value_is_one_clear_line)")
     with pytest.raises(DiagError, match="^vLLM's scheduler schedules nothing at step 1 while requests wait"):
         trace(scenario.derive("--max-num-seqs", "0"), single(10))

@@ -1,15 +1,15 @@
 """`diaglib show`'s summary: read off vLLM's objects, stable per version (golden files)."""
 from __future__ import annotations
 
-from diaglib import versions
+from diaglib import compat
 from diaglib.paths import ROOT
-from diaglib.summarize import format_text, summarize
+from diaglib.predict.summarize import format_text, summarize
 
 
 def test_summary_matches_golden_file(scenario, golden):
     s = summarize(scenario)
     s["model"]["path"] = str(scenario.model_dir.relative_to(ROOT))
-    golden(f"show-{versions.installed()}.json", s)
+    golden(f"show-{compat.installed()}.json", s)
 
 
 def test_summary_fields_come_from_vllm(scenario):

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from diaglib import switches, versions
+from diaglib import compat
 from diaglib.errors import DiagError
+from diaglib.predict import switches
 
 # What each switch does on the seed scenario, per vLLM version (vLLM's answers, checked by verify()).
 EXPECTED = {
@@ -25,7 +26,7 @@ def table(scenario):
 
 
 def test_every_switch_is_verified_by_vllm(table):
-    expected = EXPECTED[versions.installed()]
+    expected = EXPECTED[compat.installed()]
     got = {status: table.loc[table.status == status, "switch"].tolist() for status in expected}
     assert got == expected
     assert set(table.switch) == set(switches.BY_NAME)
@@ -33,7 +34,7 @@ def test_every_switch_is_verified_by_vllm(table):
 
 def test_spellings_per_version(table):
     flags = dict(zip(table["switch"], table["flags"]))
-    if versions._legacy():
+    if compat._legacy():
         assert flags["cudagraph-off"] == ["-O.cudagraph_mode=NONE"]
         assert flags["compile-off"] == ["-O", "0"]
         assert flags["inductor-off"] == ["-O.use_inductor=False"]
@@ -50,9 +51,9 @@ def test_cudagraph_switch_keeps_compilation(table):
 
 def test_the_spellings_that_look_right_but_are_not(scenario):
     """0.20.2 rejects the -O.key spelling outright; 0.10.1.1 accepts -O.backend=eager but keeps Inductor."""
-    if versions._legacy():
+    if compat._legacy():
         derived = scenario.derive("-O.backend=eager")
-        assert versions.compilation_summary(derived.vllm_config)["compile_backend"] == "inductor"
+        assert compat.compilation_summary(derived.vllm_config)["compile_backend"] == "inductor"
     else:
         with pytest.raises(DiagError, match="optimization_level"):
             scenario.derive("-O.cudagraph_mode=NONE")
@@ -65,7 +66,7 @@ def test_candidates_are_broadest_first_and_combine(scenario):
     flags, env = switches.apply(scenario, names)
     with switches.with_env(env):
         derived = scenario.derive(*flags)  # all switches on at once: vLLM accepts the combination
-    cs = versions.compilation_summary(derived.vllm_config)
+    cs = compat.compilation_summary(derived.vllm_config)
     assert cs["cudagraph_mode"] == "NONE" and cs["compile_backend"] == "eager"
 
 
@@ -93,4 +94,4 @@ def test_cli_switches(scenario_name, capsys):
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if ln.startswith("cudagraph-off"))
     assert "ok" in line and "CUDA graphs" in line
-    assert ("-O.cudagraph_mode=NONE" if versions._legacy() else "-cc.cudagraph_mode=NONE") in line
+    assert ("-O.cudagraph_mode=NONE" if compat._legacy() else "-cc.cudagraph_mode=NONE") in line

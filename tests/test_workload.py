@@ -5,7 +5,15 @@ import pandas as pd
 import pytest
 
 from diaglib.errors import DiagError
-from diaglib.workload import Req, Workload, prompts, random_mix, single, summing_to, with_decoders
+from diaglib.predict.workload import (
+    Req,
+    Workload,
+    prompts,
+    random_mix,
+    single,
+    summing_to,
+    with_decoders,
+)
 
 
 def test_single_prompt():

@@ -129,16 +129,16 @@ class VllmEngine:
     def info(self) -> dict:
         import torch
 
-        from .. import versions
+        from .. import compat
 
         c = self.vllm_config
         free, total = torch.cuda.mem_get_info()
         runner = self.engine.model_executor.driver_worker.worker.model_runner
         return {
-            "engine": "vllm", "vllm": versions.installed(), "torch": torch.__version__,
+            "engine": "vllm", "vllm": compat.installed(), "torch": torch.__version__,
             "gpu_name": torch.cuda.get_device_name(), "vocab": self.vocab,
-            "compilation": versions.compilation_summary(c), "scheduler": versions.scheduler_summary(c),
-            "cache": versions.cache_summary(c), "num_gpu_blocks": c.cache_config.num_gpu_blocks,
+            "compilation": compat.compilation_summary(c), "scheduler": compat.scheduler_summary(c),
+            "cache": compat.cache_summary(c), "num_gpu_blocks": c.cache_config.num_gpu_blocks,
             "moe": _moe_classes(runner.get_model()), "free_gib": free / observe.GiB, "total_gib": total / observe.GiB,
             "memory": observe.memory_summary(),
         }

@@ -1,8 +1,8 @@
 """Predicted against observed, side by side, from the records of a live run.
 
 The prediction is made here on the CPU for the exact engine the run built (its serve argv, its GPU):
-per-step tokens and graph mode from vLLM's real scheduler and dispatcher (diaglib.schedule), given the
-KV-cache size the engine logged; memory from diaglib.memory. The observation is what the child recorded
+per-step tokens and graph mode from vLLM's real scheduler and dispatcher (diaglib.predict.schedule), given the
+KV-cache size the engine logged; memory from diaglib.predict.memory. The observation is what the child recorded
 from inside vLLM: the tokens each scheduler step scheduled and the graph mode of each forward pass.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pandas as pd
 from ..errors import DiagError
 from . import store
 from .engine import STANDINS
-from .observe import GiB, MOE_KERNEL
+from .observe import MOE_KERNEL, GiB
 
 _STEP_COLUMNS = ["run", "key", "step", "predicted_tokens", "observed_tokens", "tokens_match", "predicted_mode",
                  "observed_mode", "predicted_padded", "observed_padded", "mode_match", "predicted_schedule"]
@@ -48,13 +48,13 @@ def _scenario(command: str, gpu: str):
 
 
 def _engine_for(command: str, gpu: str, kv_bytes: int | None):
-    from ..schedule import Engine
+    from ..predict.schedule import Engine
 
     return Engine(_scenario(command, gpu), kv_bytes)
 
 
 def _workload(probe: dict):
-    from ..workload import Req, Workload
+    from ..predict.workload import Req, Workload
 
     n = len(probe["prompts"])
     arrivals = probe.get("arrivals") or [0] * n
@@ -123,11 +123,11 @@ def probes(path: str | Path, run: str | None = None) -> pd.DataFrame:
 
 
 def memory(path: str | Path, run: str | None = None) -> pd.DataFrame:
-    """Per engine start: weights, KV cache and CUDA-graph pool, predicted (diaglib.memory) vs vLLM's log.
+    """Per engine start: weights, KV cache and CUDA-graph pool, predicted (diaglib.predict.memory) vs vLLM's log.
 
     Columns: run, engine_id, item, predicted_gib, observed_gib, error_gib, error_pct, predicted_kind.
     """
-    from .. import memory as mem
+    from ..predict import memory as mem
 
     path = Path(path)
     rows, seen = [], {}

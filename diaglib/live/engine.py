@@ -105,9 +105,9 @@ def parse_argv(argv: list[str]):
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from .. import versions
+    from .. import compat
 
-    parser = versions.flexible_argument_parser()(prog="vllm serve")
+    parser = compat.flexible_argument_parser()(prog="vllm serve")
     parser.add_argument("model_tag", nargs="?")
     AsyncEngineArgs.add_cli_args(parser)
     try:

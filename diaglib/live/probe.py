@@ -24,8 +24,8 @@ import pandas as pd
 
 from ..errors import DiagError
 from ..paths import ROOT
-from . import store
 from ..secrets import scrub
+from . import store
 from .classify import classify
 from .engine import EngineSpec
 from .observe import NvmlTimeline, gpu_count, logged_figures
@@ -82,7 +82,7 @@ def batch(lengths, *, key: str | None = None, arrivals=None, **kw) -> Probe:
 
 
 def from_workload(workload, *, key: str | None = None) -> Probe:
-    """A probe replaying a diaglib.workload.Workload: its prompt lengths, output lengths and arrival steps."""
+    """A probe replaying a diaglib.predict.workload.Workload: its prompt lengths, output lengths and arrival steps."""
     reqs = list(workload)
     if any(r.background for r in reqs):
         raise DiagError("background requests (aborted when the others finish) cannot be probed live")

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from . import versions
-from .errors import DiagError
-from .paths import ROOT, SCENARIOS
-from .secrets import SECRET_NAME, scrub
+from .. import compat
+from ..errors import DiagError
+from ..paths import ROOT, SCENARIOS
+from ..secrets import SECRET_NAME, scrub
 
 NOTEBOOKS = ROOT / "notebooks"
 CELL_TIMEOUT_S = 300
@@ -58,8 +58,8 @@ def notebooks(source: Path = NOTEBOOKS) -> list[Path]:
 def parameters(scenario: str | None = None, *, cmd: str | None = None, gpu: str | None = None,
                gpu_count: int | None = None, vllm: str | None = None) -> dict:
     """The parameters every notebook takes, checked before any kernel starts."""
-    from .gpus import gpu_spec
-    from .scenario import find_scenario
+    from ..gpus import gpu_spec
+    from ..scenario import find_scenario
 
     if cmd is not None and scenario is not None:
         raise DiagError("give either a scenario file or --cmd, not both")
@@ -68,14 +68,14 @@ def parameters(scenario: str | None = None, *, cmd: str | None = None, gpu: str 
         scenario = path.stem if path.parent == SCENARIOS else str(path)
     if gpu is not None or gpu_count is not None:
         gpu_spec(gpu or "NVIDIA H20", 1 if gpu_count is None else gpu_count)
-    if vllm is not None and vllm not in versions.SUPPORTED:
-        raise DiagError(f"vLLM {vllm} is not supported; supported: {', '.join(versions.SUPPORTED)}")
+    if vllm is not None and vllm not in compat.supported():
+        raise DiagError(f"vLLM {vllm} is not supported; supported: {', '.join(compat.supported())}")
     return {"scenario": scenario, "cmd": cmd, "gpu": gpu, "gpu_count": gpu_count, "vllm": vllm}
 
 
 def wanted_version(params: dict) -> str:
     """The vLLM version whose environment must run the notebooks for these parameters."""
-    from .scenario import find_scenario, read_scenario_file
+    from ..scenario import find_scenario, read_scenario_file
 
     if params.get("vllm"):
         return params["vllm"]
@@ -83,13 +83,13 @@ def wanted_version(params: dict) -> str:
         v = read_scenario_file(find_scenario(params["scenario"])).get("vllm")
         if v:
             return v
-    return versions.installed() or versions.REFERENCE
+    return compat.installed() or compat.REFERENCE
 
 
 def kernel_python(params: dict) -> Path:
     """This interpreter when its vLLM answers for the scenario, else that version's project venv."""
     v = wanted_version(params)
-    return Path(sys.executable) if v == versions.installed() else versions.venv_python(v)
+    return Path(sys.executable) if v == compat.installed() else compat.venv_python(v)
 
 
 @lru_cache(maxsize=4)
@@ -97,7 +97,7 @@ def scenario(scenario: str | None = None, *, cmd: str | None = None, gpu: str | 
              gpu_count: int | None = None, vllm: str | None = None):
     """The notebooks' scenario, resolved once per kernel (every notebook in a kernel shares it)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    from .scenario import load
+    from ..scenario import load
 
     return load(scenario, cmd=cmd, gpu=gpu, gpu_count=gpu_count, vllm=vllm)
 
@@ -105,8 +105,8 @@ def scenario(scenario: str | None = None, *, cmd: str | None = None, gpu: str | 
 def live_stores(version: str, root: Path | None = None) -> list[Path]:
     """The live record stores (data/live/**/*.jsonl) with an engine started by vLLM ``version``: the
     observations a notebook may put next to that version's predictions."""
-    from .live import store
-    from .paths import DATA
+    from ..live import store
+    from ..paths import DATA
 
     found = sorted(Path(root or DATA / "live").glob("**/*.jsonl"))
     return [p for p in found if any(r.get("type") == "engine" and (r.get("info") or {}).get("vllm") == version
@@ -118,7 +118,7 @@ class Banner:
 
     def __init__(self, sc):
         gpu = f"{sc.gpu.count} x {sc.gpu.name}" + (" (what-if: no GPU here)" if sc.simulated else "")
-        vllm = sc.vllm_version + ("" if sc.verified else " (unverified: not covered by diaglib's tests)")
+        vllm = f"{sc.vllm_version} ({sc.vllm_why})" + ("" if sc.verified else ", unverified: not covered by diaglib's tests")
         self.rows = [("scenario", sc.name), ("command", sc.command), ("vLLM", vllm), ("GPU", gpu)]
 
     def __repr__(self) -> str:
@@ -437,7 +437,7 @@ def build(scenario: str | None = None, *, out: str | Path = "reports", cmd: str 
 
 def index_html(pages: list[Page], params: dict, version: str, seconds: float) -> str:
     """The report's front page: what was analysed, and one line per notebook page."""
-    from .scenario import find_scenario, read_scenario_file
+    from ..scenario import find_scenario, read_scenario_file
 
     e = html.escape
     data = read_scenario_file(find_scenario(params["scenario"])) if params.get("scenario") else {}

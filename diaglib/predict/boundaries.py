@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import layers, moe, versions
+from .. import compat
+from ..errors import DiagError
+from ..scenario import Scenario
+from . import layers, moe
 from .dispatch import dispatch
-from .errors import DiagError
-from .scenario import Scenario
 
 BLOCK_WINDOW = 2  # KV-block edges listed on each side of the operating point
 
@@ -46,7 +47,7 @@ def feature_value(sc: Scenario, feature: str, n: int):
     if feature == "triton_config":
         return _config_id(moe.triton_config(sc, n))
     if feature == "moe_chunks":
-        chunk = versions.moe_chunk_size()
+        chunk = compat.moe_chunk_size()
         return _cdiv(n, chunk) if chunk else 1
     if feature.startswith("grid:"):
         return moe.grid_over_limit(sc, n)[feature[5:]]
@@ -61,7 +62,7 @@ def feature_value(sc: Scenario, feature: str, n: int):
         return _cdiv(n, sc.vllm_config.cache_config.block_size)
     if feature == "max_model_len":
         try:
-            versions.check_prompt_len(sc.vllm_config, n)
+            compat.check_prompt_len(sc.vllm_config, n)
         except DiagError:
             return "rejected"
         return "accepted"
@@ -132,7 +133,7 @@ def _knob_rows(sc: Scenario, op: int) -> list[dict]:
     if layers.build_moe_layer(sc) is None:
         return []
     rows = []
-    chunk = versions.moe_chunk_size()
+    chunk = compat.moe_chunk_size()
     if chunk:
         rows.append(_row("knob", chunk + 1, 1, 2, "MoE chunking",
                          f"VLLM_FUSED_MOE_CHUNK_SIZE {chunk}: a second activation chunk per MoE layer",
@@ -226,7 +227,7 @@ def summary(sc: Scenario, df: pd.DataFrame) -> dict:
                    grid_scanned_up_to=int(grid["scanned_up_to"].max()))
         out.update(classic_moe_overflow_tokens=classic, classic_moe_overflow_distance=classic - op,
                    classic_moe_overflow_ratio=round(classic / op, 2), offs_token_int64=moe.offs_token_int64(),
-                   moe_activation_chunk=versions.moe_chunk_size())
+                   moe_activation_chunk=compat.moe_chunk_size())
     return out
 
 

@@ -2,7 +2,7 @@
 
 Knobs: prompt length, max_num_batched_tokens, chunked prefill, max_num_seqs, TP, GPU and vLLM version.
 Each setting becomes serve flags on the scenario's command, resolved by vLLM again; the chosen prompt is
-replayed through vLLM's scheduler (diaglib.schedule) and so are the prompt lengths around it and around
+replayed through vLLM's scheduler (diaglib.predict.schedule) and so are the prompt lengths around it and around
 the budget. Another vLLM version answers from its own environment (a subprocess, ~20-30 s). A rejected
 setting is shown as one line in the panel; the panel itself never raises.
 """
@@ -19,8 +19,8 @@ from io import StringIO
 
 import pandas as pd
 
-from . import versions
-from .errors import DiagError
+from .. import compat
+from ..errors import DiagError
 
 TP_CHOICES = (1, 2, 4, 8, 16)
 FRAMES = ("per_step", "per_request", "sweep")
@@ -56,8 +56,8 @@ def flags(s: Settings) -> list[str]:
 
 def scenario_for(sc, s: Settings):
     """The scenario at settings ``s`` (same command plus flags; another GPU if asked), resolved by vLLM."""
-    from .gpus import gpu_spec
-    from .scenario import from_command
+    from ..gpus import gpu_spec
+    from ..scenario import from_command
 
     gpu = gpu_spec(s.gpu, max(sc.gpu.count, s.tp))
     command = sc.command + " " + " ".join(shlex.quote(f) for f in flags(s))
@@ -71,11 +71,11 @@ def lengths_around(s: Settings, span: int = 12) -> list[int]:
 
 def compute(sc, s: Settings) -> dict[str, pd.DataFrame]:
     """per_step / per_request of the chosen prompt and the sweep around it, from this process's vLLM."""
-    from .schedule import sweep, trace
-    from .workload import single
+    from ..predict.schedule import sweep, trace
+    from ..predict.workload import single
 
-    if s.vllm != versions.installed():
-        raise DiagError(f"this process has vLLM {versions.installed()}, not {s.vllm}")
+    if s.vllm != compat.installed():
+        raise DiagError(f"this process has vLLM {compat.installed()}, not {s.vllm}")
     at = scenario_for(sc, s)
     tr = trace(at, single(s.prompt_len, output_len=2))
     return {"per_step": tr.per_step, "per_request": tr.per_request,
@@ -84,10 +84,10 @@ def compute(sc, s: Settings) -> dict[str, pd.DataFrame]:
 
 def compute_elsewhere(sc, s: Settings, timeout_s: int = 300) -> dict[str, pd.DataFrame]:
     """:func:`compute` in the project environment of vLLM ``s.vllm`` (a child process)."""
-    py = versions.venv_python(s.vllm)
+    py = compat.venv_python(s.vllm)
     job = {"command": sc.command, "models": sc.models, "name": sc.name, "gpu": sc.gpu.name,
            "gpu_count": sc.gpu.count, "settings": asdict(s)}
-    r = subprocess.run([str(py), "-m", "diaglib.widgets"], input=json.dumps(job), capture_output=True, text=True,
+    r = subprocess.run([str(py), "-m", "diaglib.present.widgets"], input=json.dumps(job), capture_output=True, text=True,
                        timeout=timeout_s)
     if r.returncode != 0:
         lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
@@ -97,11 +97,11 @@ def compute_elsewhere(sc, s: Settings, timeout_s: int = 300) -> dict[str, pd.Dat
 
 
 def _child() -> None:
-    """`python -m diaglib.widgets`: a compute() job as JSON on stdin, frames as JSON on stdout."""
+    """`python -m diaglib.present.widgets`: a compute() job as JSON on stdin, frames as JSON on stdout."""
     import sys
 
-    from .gpus import gpu_spec
-    from .scenario import from_command, prepare_vllm
+    from ..gpus import gpu_spec
+    from ..scenario import from_command, prepare_vllm
 
     job = json.loads(sys.stdin.read())
     try:
@@ -135,7 +135,7 @@ class Panel:
     def __init__(self, sc, settings: Settings | None = None):
         import ipywidgets as w
 
-        from .gpus import catalog
+        from ..gpus import catalog
 
         self.sc = sc
         s = settings or defaults(sc)
@@ -153,7 +153,7 @@ class Panel:
                              layout=w.Layout(width="110px")),
             "gpu": w.Dropdown(options=sorted({*catalog(), s.gpu}), value=s.gpu, description="GPU", style=style,
                               layout=w.Layout(width="280px")),
-            "vllm": w.Dropdown(options=sorted({*versions.SUPPORTED, s.vllm}), value=s.vllm, description="vLLM",
+            "vllm": w.Dropdown(options=sorted({*compat.supported(), s.vllm}), value=s.vllm, description="vLLM",
                                style=style, layout=w.Layout(width="160px")),
         }
         c = self.controls
@@ -176,7 +176,7 @@ class Panel:
         import matplotlib.pyplot as plt
 
         s = self.settings
-        local = s.vllm == versions.installed()
+        local = s.vllm == compat.installed()
         self._say("computing" + ("" if local else f" in vLLM {s.vllm}'s environment (about 30 s)") + " ...")
         t0 = time.monotonic()
         try:

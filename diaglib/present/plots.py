@@ -227,7 +227,7 @@ def step_legend(fig, per_request, per_step, budget: int) -> None:
 
 
 def schedules(traces: dict, *, budget: int):
-    """step_composition for several workloads side by side (a dict title -> diaglib.schedule.Trace)."""
+    """step_composition for several workloads side by side (a dict title -> diaglib.predict.schedule.Trace)."""
     import pandas as pd
 
     fig, axes = figure(1, len(traces), height=3.8, sharey=True, squeeze=False)
@@ -266,7 +266,7 @@ AXIS_LABEL = {"step": "tokens in one step", "prompt": "prompt length", "knob": "
 
 
 def boundary_map(df, *, budget: int):
-    """Every boundary of diaglib.boundaries on one log2 token axis, one row per kind (marker: which axis);
+    """Every boundary of diaglib.predict.boundaries on one log2 token axis, one row per kind (marker: which axis);
     each kind's boundary nearest to the budget is labelled with its token count."""
     kinds = list(dict.fromkeys(df.sort_values("distance")["kind"]))
     fig, ax = figure(height=0.9 + 0.32 * len(kinds))
@@ -342,7 +342,7 @@ def _empty(ax, text: str) -> None:
 
 
 def steps_predicted_observed(steps, *, budget: int = 8192):
-    """Every forward step of the live probes: predicted tokens (diaglib.schedule) against observed (inside
+    """Every forward step of the live probes: predicted tokens (diaglib.predict.schedule) against observed (inside
     vLLM), coloured by the observed graph mode; a cross marks a step whose tokens or mode disagree."""
     fig, ax = figure(height=1.2 if steps.empty else 4.0)
     if steps.empty:
@@ -418,14 +418,14 @@ def memory_predicted_observed(mem):
 
 
 def live_heatmap(grid, *, title: str | None = None):
-    """A live sweep's outcomes (diaglib.livesweep.heatmap_frame): knob setting (rows) x prompt tokens
+    """A live sweep's outcomes (diaglib.live.livesweep.heatmap_frame): knob setting (rows) x prompt tokens
     (columns), one cell per probe coloured by outcome (livesweep.OUTCOME_COLORS), grey where still pending.
     Built outside pyplot, so the live panel can draw it from its worker thread."""
     import numpy as np
     from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure
 
-    from .livesweep import OUTCOME_COLORS
+    from ..live.livesweep import OUTCOME_COLORS
 
     other = "#BBBBBB"  # an outcome without a colour of its own
     with mpl.rc_context(_RC):

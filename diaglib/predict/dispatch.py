@@ -2,7 +2,7 @@
 
 Answers come from vLLM's own code: its CudagraphDispatcher (keys set up as the model runner does after
 resolving the graph mode against the attention backend), its padding, and its piecewise backend's
-compile-range lookup. Version differences live in diaglib.versions (section "scheduling").
+compile-range lookup. Version differences live in diaglib.compat (section "scheduling").
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from . import versions
-from .errors import DiagError
+from .. import compat
+from ..errors import DiagError
 
 _DISPATCHERS: dict[int, tuple[object, object, object]] = {}
 
@@ -29,7 +29,7 @@ def dispatcher(target):
     if hit is None or hit[0] is not cfg:
         if len(_DISPATCHERS) > 256:
             _DISPATCHERS.clear()
-        hit = _DISPATCHERS[id(cfg)] = (cfg, *versions.cudagraph_dispatcher(cfg))
+        hit = _DISPATCHERS[id(cfg)] = (cfg, *compat.cudagraph_dispatcher(cfg))
     return hit[1], hit[2]
 
 
@@ -44,11 +44,11 @@ def dispatch(target, num_tokens: int, *, num_reqs: int | None = None, max_query_
     """
     cfg = _config(target)
     disp, resolved = dispatcher(cfg)
-    uq = versions.uniform_decode_query_len(cfg)
+    uq = compat.uniform_decode_query_len(cfg)
     num_reqs, max_query_len = _batch_shape(cfg, num_tokens, num_reqs, max_query_len, decode, uq)
     num_tokens, num_reqs, max_query_len = int(num_tokens), int(num_reqs), int(max_query_len)
-    padded, mode, uniform, desc = versions.dispatch_batch(disp, cfg, num_tokens, num_reqs, max_query_len)
-    kind, rng = versions.compile_target(cfg, padded)
+    padded, mode, uniform, desc = compat.dispatch_batch(disp, cfg, num_tokens, num_reqs, max_query_len)
+    kind, rng = compat.compile_target(cfg, padded)
     return {
         "num_tokens": num_tokens,
         "num_reqs": num_reqs,
@@ -61,8 +61,8 @@ def dispatch(target, num_tokens: int, *, num_reqs: int | None = None, max_query_
         "batch_descriptor": str(desc) if desc is not None else None,
         "compile_kind": kind,
         "compile_range": rng,
-        "vllm_version": versions.installed(),
-        "derived": versions.dispatch_derived(),
+        "vllm_version": compat.installed(),
+        "derived": compat.dispatch_derived(),
     }
 
 

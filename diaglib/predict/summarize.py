@@ -1,8 +1,8 @@
 """What `diaglib show` prints: the parts of vLLM's resolved config that decide token-boundary behaviour."""
 from __future__ import annotations
 
-from . import versions
-from .scenario import Scenario
+from .. import compat
+from ..scenario import Scenario
 
 
 def summarize(sc: Scenario) -> dict:
@@ -20,20 +20,21 @@ def summarize(sc: Scenario) -> dict:
         "command": sc.command,
         "vllm_version": sc.vllm_version,
         "vllm_verified": sc.verified,
+        "vllm_why": sc.vllm_why,
         "gpu": {"name": plat.get_device_name(), "count": sc.gpu.count,
                 "memory_mib": plat.get_device_total_memory() // (1 << 20),
                 "capability": "{}.{}".format(*plat.get_device_capability()), "simulated": sc.simulated},
         "model": {"path": str(sc.model_dir), "architecture": (mc.architectures or ["?"])[0],
                   "dtype": str(mc.dtype).removeprefix("torch."), "max_model_len": mc.max_model_len},
-        "compilation": versions.compilation_summary(cfg),
-        "scheduler": versions.scheduler_summary(cfg),
-        "cache": versions.cache_summary(cfg),
+        "compilation": compat.compilation_summary(cfg),
+        "scheduler": compat.scheduler_summary(cfg),
+        "cache": compat.cache_summary(cfg),
         "parallel": {"tensor_parallel_size": pc.tensor_parallel_size,
                      "pipeline_parallel_size": pc.pipeline_parallel_size,
                      "data_parallel_size": pc.data_parallel_size,
                      "enable_expert_parallel": bool(pc.enable_expert_parallel)},
         "quantization": quant,
-        "attention_backend": versions.attention_backend(cfg),
+        "attention_backend": compat.attention_backend(cfg),
         "moe": moe_backend(sc),
     }
 
@@ -46,7 +47,8 @@ def format_text(s: dict) -> str:
     rows = [
         ("scenario", s["scenario"]),
         ("command", s["command"]),
-        ("vLLM", s["vllm_version"] + ("" if s["vllm_verified"] else "  (UNVERIFIED: not covered by diaglib's tests)")),
+        ("vLLM", s["vllm_version"] + f" ({s['vllm_why']})"
+         + ("" if s["vllm_verified"] else "  UNVERIFIED: not covered by diaglib's tests")),
         ("GPU", f"{gpu['count']} x {gpu['name']} ({gpu['memory_mib']} MiB, sm {gpu['capability']})"
                 + ("  [what-if: no GPU here]" if gpu["simulated"] else "")),
         ("model", f"{s['model']['architecture']} {s['model']['dtype']}, max_model_len {s['model']['max_model_len']}"),

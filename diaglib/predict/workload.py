@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from .errors import DiagError
+from ..errors import DiagError
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
-from .errors import DiagError
+from ..errors import DiagError
 
 OUTCOME_COLORS = {"ok": "#4caf50", "illegal_memory_access": "#d32f2f", "cuda_error": "#e57373",
                   "out_of_memory": "#ff9800", "compile_error": "#9c27b0", "timeout": "#607d8b",
@@ -41,8 +41,8 @@ class Setting:
 
 def settings(sc, knobs: dict[str, list[str]]) -> list[Setting]:
     """Every combination of knob values, each resolved by vLLM (a rejected one -> DiagError naming it)."""
-    from . import switches as sw
-    from .schedule import knob_flags
+    from ..predict import switches as sw
+    from ..predict.schedule import knob_flags
 
     out = []
     for combo in itertools.product(*knobs.values()) if knobs else [()]:
@@ -82,7 +82,7 @@ def prefix(sc, planted: int | None = None) -> str:
 def stored(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_path: str | Path,
            prefix: str) -> list[dict]:
     """The rows of these lengths x settings the store already holds (what ``stream`` yields first); runs nothing."""
-    from .live import store
+    from . import store
 
     records, want = store.read(store_path), {int(n) for n in lengths}
     return [r for s in settings(sc, knobs) for r in _rows(records, run_name(prefix, s), s, stored=True)
@@ -106,9 +106,9 @@ def stream(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_pat
     e.g. a planted fault (``functools.partial(probe.in_forward, at=8192)``). ``stop``: once set, no new
     probe or engine starts (the running probe finishes) and later settings yield only their stored rows.
     """
-    from .live import probe, store
-    from .live.engine import plan
-    from .live.observe import gpu_count
+    from . import probe, store
+    from .engine import plan
+    from .observe import gpu_count
 
     lengths = [int(n) for n in lengths]
     if not lengths or min(lengths) < 1:
@@ -153,8 +153,8 @@ def stream(sc, lengths: Iterable[int], knobs: dict[str, list[str]], *, store_pat
 def recorded(store_path: str | Path, planted: int | None = None) -> list[dict]:
     """Rows (COLUMNS) of every live sweep a store holds, setting = its run's label, read without vLLM (records
     made elsewhere, by another vLLM); ``planted``: the rehearsal sweeps with their fault at that many tokens."""
-    from .live import store
-    from .paths import ROOT
+    from ..paths import ROOT
+    from . import store
 
     path = Path(store_path) if Path(store_path).is_absolute() else ROOT / store_path
     run = re.compile(r"^sweep-[0-9a-f]+" + (f"-planted{int(planted)}" if planted else "") + r"/(.+)$")

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from .errors import DiagError
-from .live.classify import caller, faulting_kernel
-from .secrets import REDACTED, SECRET_NAME, scrub, secret_values
+from ..errors import DiagError
+from ..secrets import REDACTED, SECRET_NAME, scrub, secret_values
+from .classify import caller, faulting_kernel
 
 INDUCTOR_KERNEL = re.compile(r"^triton_(?:poi|red|per|tem|for)_\w+$")
 # An error header of compute-sanitizer: "========= Invalid __global__ write of size 4 bytes", "========= Program hit
@@ -243,14 +243,14 @@ def run_steps(engine, failing_probe, work: str | Path, *, names=DEFAULT_STEPS, g
 
 def stored(work: str | Path, step: str, key: str) -> bool:
     """Whether ``work`` already holds the result of ``step`` for probe ``key`` (re-runs reuse it)."""
-    from .live import store
+    from . import store
 
     return key in store.done_keys(Path(work) / step / "records.jsonl", f"evidence-{step}")
 
 
 def engine_record(work: str | Path, steps) -> dict | None:
     """The first engine record of the steps' runs: the engine that was actually built."""
-    from .live import store
+    from . import store
 
     return next((r for s in steps for r in store.read(Path(work) / s / "records.jsonl")
                  if r.get("type") == "engine"), None)
@@ -264,7 +264,7 @@ def _named_access(result: StepResult) -> bool:
 
 
 def _run_step(step: Step, engine, failing_probe, work: Path, gpus, probe_timeout_s, ready_timeout_s) -> StepResult:
-    from .live import probe, store
+    from . import probe, store
 
     d = work / step.name
     d.mkdir(parents=True, exist_ok=True)
@@ -336,7 +336,7 @@ def assemble(out: str | Path, results: list[StepResult], work: str | Path, *, ab
 
     ``about``: what was re-run (scenario command, tokens, switches, bisection result...), shown as given.
     ``env``: the environment the runs inherited (default: this process's), redacted.
-    ``classes``: diaglib.observed.fit's frame, shown as the known classes that fit.
+    ``classes``: diaglib.live.observed.fit's frame, shown as the known classes that fit.
     ``facts``: ``findings(results, work)`` when the caller has it already (it is not worked out twice).
     """
     out, work = Path(out), Path(work)

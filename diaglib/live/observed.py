@@ -1,4 +1,4 @@
-"""Observed faults against the known bug classes (diaglib.known_issues): which classes fit what was seen.
+"""Observed faults against the known bug classes (diaglib.predict.known_issues): which classes fit what was seen.
 
 Three observations are compared with what each class predicts: the first failing token count (against
 the class's threshold for this scenario), the faulting kernel (against the kernels the class shows up
@@ -42,7 +42,7 @@ def fit(sc, bisection: dict | None = None, evidence: dict | None = None, matches
     The threshold, kernel and switches columns say "agrees", "contradicts" or "" (nothing to compare).
     """
     if matches is None:
-        from .known_issues import match
+        from ..predict.known_issues import match
 
         matches = match(sc)
     b = bisection or {}

@@ -10,10 +10,11 @@ from functools import cached_property
 
 import pandas as pd
 
-from . import layers, moe, versions
-from .errors import DiagError
-from .paths import DATA
-from .scenario import Scenario
+from .. import compat
+from ..errors import DiagError
+from ..paths import DATA
+from ..scenario import Scenario
+from . import layers, moe
 
 CATALOG = DATA / "known_issues.json"
 
@@ -41,7 +42,7 @@ class _Facts:
     def __init__(self, sc: Scenario):
         self.sc = sc
         self.mnbt = sc.vllm_config.scheduler_config.max_num_batched_tokens
-        self.comp = versions.compilation_summary(sc.vllm_config)
+        self.comp = compat.compilation_summary(sc.vllm_config)
         self.layer = layers.build_moe_layer(sc)
 
     @cached_property
@@ -68,7 +69,7 @@ def moe_triton_int32(f: _Facts):
     if f.layer is None:
         return _no_moe(f)
     classic = moe.classic_overflow_tokens(f.sc)
-    chunk = versions.moe_chunk_size()
+    chunk = compat.moe_chunk_size()
     path = f.launches["selected_path"]
     where = "the selected kernel" if path == "triton" else f"only if the Triton path is forced (selected: {path})"
     if moe.offs_token_int64():
@@ -115,7 +116,7 @@ def compile_range_edge(f: _Facts):
 
 
 def moe_chunking(f: _Facts):
-    chunk = versions.moe_chunk_size()
+    chunk = compat.moe_chunk_size()
     if f.layer is None:
         return _no_moe(f)
     if not chunk:

@@ -1,6 +1,6 @@
 """MoE launches per step: the kernels vLLM selects, their config and geometry, every buffer against int32.
 
-The layer is vLLM's FusedMoE built on the meta device for TP rank 0 (diaglib.layers). Two paths are
+The layer is vLLM's FusedMoE built on the meta device for TP rank 0 (diaglib.predict.layers). Two paths are
 described for M tokens in one step: the one vLLM selects (``selected``: CUTLASS FP8 for the seed) and the
 Triton fused-MoE kernel (``triton``: what forcing the Triton path would run). Workspace shapes, the
 Triton config (file, key, values) and sorted_token_ids sizing are vLLM's own answers; the views that
@@ -15,9 +15,10 @@ import os
 
 import pandas as pd
 
-from . import layers, versions
-from .errors import DiagError
-from .scenario import Scenario
+from .. import compat
+from ..errors import DiagError
+from ..scenario import Scenario
+from . import layers
 
 INT32_MAX = 2**31 - 1
 GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA grid x, y, z
@@ -64,8 +65,8 @@ def triton_configs(sc: Scenario, counts) -> list[dict]:
     fm = _fused_moe_module()
     layer = _layer(sc)
     with layers.rank0(sc):
-        experts = versions.triton_experts(layer)
-        dtype = versions.triton_config_dtype(experts, layer.quant_method.moe.in_dtype)
+        experts = compat.triton_experts(layer)
+        dtype = compat.triton_config_dtype(experts, layer.quant_method.moe.in_dtype)
         E, _, N = layer.w2_weight.shape
         block = getattr(experts, "block_shape", None)
         if _lookup_gpu[0] != sc.gpu.name:  # get_moe_configs is cached per (E, N, dtype), not per GPU name
@@ -140,8 +141,8 @@ def _workspace_rows(path, ws: dict, experts) -> list[dict]:
 
 def _triton_rows(sc, layer, M: int) -> list[dict]:
     with layers.rank0(sc):
-        experts = versions.triton_experts(layer)
-        ws = versions.experts_workspaces(experts, layer, M)
+        experts = compat.triton_experts(layer)
+        ws = compat.experts_workspaces(experts, layer, M)
     m, topk = ws["M_chunk"], layer.top_k
     N, K = layer.w13_weight.shape[1], layer.hidden_size
     cfg = triton_config(sc, m)["config"]
@@ -159,11 +160,11 @@ def _triton_rows(sc, layer, M: int) -> list[dict]:
 
 def _cutlass_rows(sc, layer, experts, M: int) -> list[dict]:
     with layers.rank0(sc):
-        ws = versions.experts_workspaces(experts, layer, M)
+        ws = compat.experts_workspaces(experts, layer, M)
     m, topk, E = ws["M_chunk"], layer.top_k, layer.local_num_experts
     I2, K = layer.w13_weight.shape[1], layer.hidden_size
     d = "derived: run_cutlass_moe_fp8"
-    offsets, index_buffers = versions.cutlass_index_buffers(m * topk)
+    offsets, index_buffers = compat.cutlass_index_buffers(m * topk)
     rows = [*_workspace_rows("cutlass", ws, experts),
             _row("cutlass", "a1q_permuted", (m * topk, K), "float8_e4m3fn", d, "permuted fp8 input"),
             _row("cutlass", "mm1_out", (m * topk, I2), ws["dtype"], d, "grouped GEMM1 out"),
@@ -183,7 +184,7 @@ def buffers(sc: Scenario, num_tokens: int) -> pd.DataFrame:
     _check_tokens(num_tokens)
     layer = _layer(sc)
     with layers.rank0(sc):
-        experts = versions.moe_experts(layer, num_tokens)
+        experts = compat.moe_experts(layer, num_tokens)
     common = [_row("input", "hidden_states", (num_tokens, layer.hidden_size), layer.quant_method.moe.in_dtype,
                    "derived: layer input"),
               _row("input", "topk_ids", (num_tokens, layer.top_k), "int32", "derived: router output")]
@@ -194,7 +195,7 @@ def buffers(sc: Scenario, num_tokens: int) -> pd.DataFrame:
         chosen = []
     else:
         with layers.rank0(sc):
-            chosen = _workspace_rows(path, versions.experts_workspaces(experts, layer, num_tokens), experts)
+            chosen = _workspace_rows(path, compat.experts_workspaces(experts, layer, num_tokens), experts)
     return pd.DataFrame(common + chosen + _triton_rows(sc, layer, num_tokens))
 
 
@@ -207,7 +208,7 @@ def grids(sc: Scenario, num_tokens: int) -> pd.DataFrame:
     """
     _check_tokens(num_tokens)
     layer = _layer(sc)
-    chunk = versions.moe_chunk_size()
+    chunk = compat.moe_chunk_size()
     m = min(num_tokens, chunk) if chunk else num_tokens
     tc = triton_config(sc, m)
     cfg = tc["config"]
@@ -231,7 +232,7 @@ def grids(sc: Scenario, num_tokens: int) -> pd.DataFrame:
 def selected(sc: Scenario, num_tokens: int) -> tuple[str, str]:
     """(experts class, path) that vLLM runs for a step of M tokens: path is cutlass, triton or the class name."""
     with layers.rank0(sc):
-        experts = versions.moe_experts(_layer(sc), num_tokens)
+        experts = compat.moe_experts(_layer(sc), num_tokens)
     return (type(experts).__name__, _path_name(experts)) if experts is not None else (None, None)
 
 
@@ -242,7 +243,7 @@ def launches(sc: Scenario, num_tokens: int) -> dict:
     if b is None:
         raise DiagError(f"{sc.hf_config.architectures[0]} has no MoE layers")
     name, path = selected(sc, num_tokens)
-    chunk = versions.moe_chunk_size()
+    chunk = compat.moe_chunk_size()
     buf = buffers(sc, num_tokens)
     worst = buf.loc[buf["max_offset"].idxmax()]
     return {

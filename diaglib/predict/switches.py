@@ -1,6 +1,6 @@
 """The kill-switch catalogue: what each switch turns off, the layer it implicates, and its spelling.
 
-Spellings per vLLM version come from ``versions.kill_switches``; ``verify`` applies each one through
+Spellings per vLLM version come from ``compat.kill_switches``; ``verify`` applies each one through
 vLLM (``Scenario.derive`` plus the env vars) and checks on the resolved configuration that it did what
 it claims (a flag vLLM accepts but ignores, such as ``-O.backend=eager`` on 0.10.1.1, fails that check).
 """
@@ -13,9 +13,9 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from . import versions
-from .errors import DiagError
-from .scenario import Scenario
+from .. import compat
+from ..errors import DiagError
+from ..scenario import Scenario
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ NOT_DEFAULT = ("budget-1",)
 
 def spelling(sc: Scenario) -> dict[str, tuple[list[str], dict[str, str]] | str]:
     """Each switch's (serve flags, env vars) on this scenario's vLLM, or why the version has none."""
-    return versions.kill_switches(sc.vllm_config, versions.attention_backend(sc.vllm_config))
+    return compat.kill_switches(sc.vllm_config, compat.attention_backend(sc.vllm_config))
 
 
 @contextlib.contextmanager
@@ -92,11 +92,11 @@ def _fact(sc: Scenario, name: str):
         info = moe_backend(sc)
         return info and info["backend"]
     if name == "attention_backend":
-        return versions.fresh_attention_backend(cfg)
+        return compat.fresh_attention_backend(cfg)
     if name == "moe_chunk":  # None: no step of this budget is split into MoE chunks
-        chunk = versions.moe_chunk_size()
+        chunk = compat.moe_chunk_size()
         return chunk if chunk is not None and chunk < cfg.scheduler_config.max_num_batched_tokens else None
-    facts = {**versions.compilation_summary(cfg), **versions.scheduler_summary(cfg)}
+    facts = {**compat.compilation_summary(cfg), **compat.scheduler_summary(cfg)}
     parts = [facts[p] for p in name.split("+")]
     return parts[0] if len(parts) == 1 else tuple(parts)
 
@@ -127,7 +127,7 @@ def verify(sc: Scenario, names: Iterable[str] | None = None) -> pd.DataFrame:
                     after = _fact(derived, sw.fact)
                     row.update(status="ok" if sw.changed(before, after) else "no effect", before=before, after=after)
             if sw.fact == "attention_backend":
-                versions.fresh_attention_backend(sc.vllm_config)  # leave the selector cache as it was
+                compat.fresh_attention_backend(sc.vllm_config)  # leave the selector cache as it was
         rows.append(row)
     return pd.DataFrame(rows, columns=["switch", "layer", "flags", "env", "status", "before", "after", "note"])
 

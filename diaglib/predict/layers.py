@@ -12,8 +12,8 @@ import contextlib
 import os
 import types
 
-from . import versions, whatif
-from .scenario import Scenario
+from .. import compat, whatif
+from ..scenario import Scenario
 
 _models: dict[int, tuple[Scenario, object]] = {}
 _MAX_MODELS = 8  # meta-device models kept (one per scenario object), oldest dropped first
@@ -63,7 +63,7 @@ def rank0(sc: Scenario):
         # vLLM's loader builds the model under the model dtype as torch's default dtype (unquantized
         # parameters and the attention backend choice depend on it), so do we.
         with set_current_vllm_config(sc.vllm_config), \
-                versions.set_default_torch_dtype(sc.vllm_config.model_config.dtype), torch.device("meta"):
+                compat.set_default_torch_dtype(sc.vllm_config.model_config.dtype), torch.device("meta"):
             yield
     finally:
         for n, g in saved.items():
@@ -121,7 +121,7 @@ def moe_backend(sc: Scenario) -> dict | None:
     name, layer = layers[0]
     qm = layer.quant_method
     with rank0(sc):
-        backend, experts = versions.moe_backend_of(layer)
+        backend, experts = compat.moe_backend_of(layer)
     return {
         "method": type(qm).__name__,
         "backend": backend,

@@ -1,6 +1,6 @@
 """The live sweep panel: token counts x knob settings run on this host's GPU, drawn as a heatmap as results arrive.
 
-Each knob setting is one engine and each token count one crash-isolated probe (diaglib.livesweep); every
+Each knob setting is one engine and each token count one crash-isolated probe (diaglib.live.livesweep); every
 result is appended to the store first, so Run after a Stop or a crash continues where the store ends.
 Without a GPU, Run is disabled and the panel shows what the store holds for the chosen lengths and knobs.
 Knobs are written ``name=v1,v2; name2=...`` (each part as ``diaglib sweep --knob``). Errors become the
@@ -14,9 +14,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import livesweep
-from .errors import DiagError
-from .paths import ROOT
+from ..errors import DiagError
+from ..live import livesweep
+from ..paths import ROOT
 
 REDRAW_S = 0.5  # while results stream in, the heatmap is redrawn at most this often
 
@@ -34,7 +34,7 @@ class Job:
 
 def parse_knobs(text: str) -> dict[str, list[str]]:
     """``"switches=none,cudagraph-off; max_num_seqs=64,128"`` -> {name: values}; empty text: no knobs."""
-    from .schedule import parse_knob
+    from ..predict.schedule import parse_knob
 
     return dict(parse_knob(part) for part in text.split(";") if part.strip())
 
@@ -52,7 +52,7 @@ class LivePanel:
                  planted: int | None = None, weights: str = "auto", engine=None, make_probe=None):
         import ipywidgets as w
 
-        from .live.observe import gpu_count
+        from ..live.observe import gpu_count
 
         self.sc, self.weights, self.engine, self.make_probe = sc, weights, engine, make_probe
         self.store = Path(store) if Path(store).is_absolute() else ROOT / store
@@ -96,7 +96,7 @@ class LivePanel:
 
     def job(self) -> Job:
         """The controls' sweep (DiagError for bad lengths or knobs, or a setting vLLM rejects)."""
-        from .live.probe import parse_lengths
+        from ..live.probe import parse_lengths
 
         c = self.controls
         knobs = parse_knobs(c["knobs"].value)
@@ -150,7 +150,7 @@ class LivePanel:
             self._thread.join(timeout)
 
     def _work(self, job: Job) -> None:
-        from .live.probe import in_forward
+        from ..live.probe import in_forward
 
         make = self.make_probe or (functools.partial(in_forward, at=job.planted) if job.planted is not None else None)
         wanted, ended = set(job.lengths), threading.Event()

@@ -1,8 +1,8 @@
 """What vLLM's real V1 scheduler does with a workload, step by step, and how each step is dispatched.
 
-:func:`trace` replays a :class:`~diaglib.workload.Workload` through the scheduler class the scenario's
+:func:`trace` replays a :class:`~diaglib.predict.workload.Workload` through the scheduler class the scenario's
 config picks (AsyncScheduler on 0.20.2), built with a KVCacheConfig from vLLM's own sizing functions;
-each step's batch then goes through vLLM's CUDA-graph dispatcher (diaglib.dispatch). The worker is
+each step's batch then goes through vLLM's CUDA-graph dispatcher (diaglib.predict.dispatch). The worker is
 replaced by its output alone: partial prefills sample nothing, every other scheduled request samples
 one token. :func:`sweep` does this for many prompt lengths x knob settings.
 """
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from . import versions
+from .. import compat
+from ..errors import DiagError
 from .dispatch import dispatch
-from .errors import DiagError
 from .workload import Workload, single, with_decoders
 
 ACTIVATION_RESERVE_BYTES = 4 << 30  # guess: profile-run activations, CUDA graphs, NCCL buffers per rank
@@ -88,23 +88,23 @@ class Engine:
     """vLLM's scheduler for one resolved config, reusable across workloads (it is drained after each)."""
 
     def __init__(self, sc, kv_memory_bytes: int | None = None):
-        self.cfg = versions.private_config(sc.vllm_config)
+        self.cfg = compat.private_config(sc.vllm_config)
         if kv_memory_bytes is None:
             memory, why = default_kv_memory(sc)
         elif kv_memory_bytes <= 0:
             raise DiagError(f"kv_memory_bytes must be positive, got {kv_memory_bytes}")
         else:
             memory, why = int(kv_memory_bytes), f"KV memory given: {kv_memory_bytes / 2**30:.2f} GiB per GPU"
-        self.kv_config, block_size, hash_block_size = versions.kv_cache_config(self.cfg, memory)
-        self.scheduler, self.hasher = versions.new_scheduler(self.cfg, self.kv_config, block_size, hash_block_size)
+        self.kv_config, block_size, hash_block_size = compat.kv_cache_config(self.cfg, memory)
+        self.scheduler, self.hasher = compat.new_scheduler(self.cfg, self.kv_config, block_size, hash_block_size)
         self.budget = self.cfg.scheduler_config.max_num_batched_tokens
-        self.queue_size = versions.batch_queue_size(self.cfg)
+        self.queue_size = compat.batch_queue_size(self.cfg)
         self.kv_info = {"kv_memory_bytes": memory, "num_blocks": self.kv_config.num_blocks, "block_size": block_size,
                         "guessed": kv_memory_bytes is None}
         self.notes = [why, f"{type(self.scheduler).__name__}, {self.kv_config.num_blocks} KV blocks of "
                            f"{block_size} tokens (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
-        if versions.dispatch_derived():
-            self.notes.append("graph dispatch " + versions.dispatch_derived())
+        if compat.dispatch_derived():
+            self.notes.append("graph dispatch " + compat.dispatch_derived())
 
     def run(self, workload: Workload, max_steps: int = 100_000) -> tuple[list[dict], list[dict]]:
         """Replay ``workload`` in the engine core's loop; returns (per-step rows, per-request rows).
@@ -115,7 +115,7 @@ class Engine:
         from vllm.v1.request import RequestStatus
 
         for r in workload:
-            versions.check_prompt_len(self.cfg, r.prompt_len)
+            compat.check_prompt_len(self.cfg, r.prompt_len)
         s = self.scheduler
         pending = list(workload)
         background = {r.req_id for r in workload if r.background}
@@ -126,7 +126,7 @@ class Engine:
         while True:
             while pending and pending[0].arrival_step <= step:
                 r = pending.pop(0)
-                s.add_request(versions.new_request(r.req_id, [1] * r.prompt_len, r.output_len, self.hasher,
+                s.add_request(compat.new_request(r.req_id, [1] * r.prompt_len, r.output_len, self.hasher,
                                                    f"diaglib-{next(_SALT)}"))
                 added.add(r.req_id)
             live = {rid for rid in added if rid in s.requests}
@@ -184,7 +184,7 @@ class Engine:
             row.update(uniform_decode=False, padded_tokens=0, cudagraph_mode=None, compile_kind=None,
                        compile_range=None)
         row.update(waiting=len(s.waiting), kv_usage=round(s.kv_cache_manager.usage, 4))
-        return out, row, versions.runner_output(ids, sampled)
+        return out, row, compat.runner_output(ids, sampled)
 
 
 # --- public API -------------------------------------------------------------------------------------
@@ -227,9 +227,9 @@ def knob_flags(knob: str, value) -> list[str]:
         flag = "enable-chunked-prefill" if knob == "chunked_prefill" else "enforce-eager"
         return [f"--{flag}" if on[v.lower()] else f"--no-{flag}"]
     if knob == "cudagraph_capture_sizes":
-        return [versions.capture_sizes_flag(), *[s for s in v.replace("+", " ").split()]]
+        return [compat.capture_sizes_flag(), *[s for s in v.replace("+", " ").split()]]
     if knob == "max_cudagraph_capture_size":
-        return versions.max_capture_size_flags(v)
+        return compat.max_capture_size_flags(v)
     if knob in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
         return ["--" + knob.replace("_", "-"), v]
     raise DiagError(f"unknown knob {knob!r}; known: {', '.join(KNOBS)} (or a serve flag such as --max-num-seqs)")

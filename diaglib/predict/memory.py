@@ -1,6 +1,6 @@
 """The predicted per-GPU memory layout: weights (exact), KV cache (vLLM's sizing), activations (estimate).
 
-Weights come from vLLM's model built on the meta device for TP rank 0 (diaglib.layers): every parameter
+Weights come from vLLM's model built on the meta device for TP rank 0 (diaglib.predict.layers): every parameter
 and buffer with its real shape and dtype, before process_weights_after_loading. KV blocks come from
 vLLM's own KV-cache sizing given the memory left. The profile-run activation peak, the CUDA-graph pool
 and non-torch memory cannot be measured without a GPU: they are estimates and say so (``kind``).
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import layers, moe, versions
-from .scenario import Scenario
+from .. import compat
+from ..scenario import Scenario
+from . import layers, moe
 
 GiB = 2**30
 NON_TORCH_BYTES = 1 * GiB  # guess: CUDA context extras, NCCL and cuBLAS workspaces outside torch's allocator
@@ -53,14 +54,14 @@ def weights_total_bytes(sc: Scenario) -> int:
 def kv_bytes_per_token(sc: Scenario) -> int:
     """KV-cache bytes per token on one rank, all layers (vLLM's KV spec page size / block size x layers)."""
     cfg = sc.vllm_config
-    spec = versions.kv_cache_spec(cfg)
+    spec = compat.kv_cache_spec(cfg)
     return spec.page_size_bytes // spec.block_size * cfg.model_config.get_num_layers(cfg.parallel_config)
 
 
 def large_buffers(sc: Scenario, num_tokens: int | None = None) -> pd.DataFrame:
     """The large transient buffers of one step at ``num_tokens`` (default max_num_batched_tokens), largest first.
 
-    MoE buffers are vLLM's sizes (diaglib.moe); the others are derived from the model's shapes.
+    MoE buffers are vLLM's sizes (diaglib.predict.moe); the others are derived from the model's shapes.
     Columns: buffer, shape, dtype, numel, bytes, frac_int32 (numel / INT32_MAX), source.
     """
     cfg = sc.vllm_config
@@ -129,7 +130,7 @@ def budget(sc: Scenario) -> pd.DataFrame:
             ("activation peak (profile run)", act, "estimate", act_how),
             ("non-torch (NCCL, cuBLAS, context)", NON_TORCH_BYTES, "guess", "fixed allowance")]
     if kv > 0:
-        kv_cfg, block_size, _ = versions.kv_cache_config(cfg, kv)
+        kv_cfg, block_size, _ = compat.kv_cache_config(cfg, kv)
         rows += [("KV cache", kv, "estimate", f"{kv_cfg.num_blocks} blocks of {block_size} tokens = "
                   f"{kv_cfg.num_blocks * block_size:,} tokens at {kv_bytes_per_token(sc):,} B/token (vLLM sizing)")]
     else:
@@ -145,7 +146,7 @@ def budget(sc: Scenario) -> pd.DataFrame:
 
 def cudagraph_pool_estimate(sc: Scenario, activation_bytes: int) -> int:
     """CUDA-graph memory pool (ESTIMATE): the activation peak scaled to the largest capture size."""
-    comp = versions.compilation_summary(sc.vllm_config)
+    comp = compat.compilation_summary(sc.vllm_config)
     if comp["cudagraph_mode"] == "NONE" or not comp["cudagraph_capture_sizes"]:
         return 0
     mnbt = sc.vllm_config.scheduler_config.max_num_batched_tokens

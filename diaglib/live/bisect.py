@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .errors import DiagError
+from ..errors import DiagError
 
 Oracle = Callable[[frozenset, int], Any]
 
@@ -251,7 +251,7 @@ def store_prefix(sc) -> str:
 def known_from_store(path, prefix: str, base_spec: dict | None = None) -> list[tuple[frozenset, int, str]]:
     """Single-prompt probe results already in the store: this prefix's runs, and (if ``base_spec``, an
     EngineSpec.as_dict()) other runs' plain probes on an engine built exactly like the switch-free one."""
-    from .live import store
+    from . import store
 
     records = store.read(path)
     engines = {(r.get("run"), r.get("engine_id")): r.get("spec") for r in records if r.get("type") == "engine"}
@@ -280,10 +280,10 @@ def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: lis
     """
     import dataclasses
 
-    from . import switches as sw
-    from .live import probe, store
-    from .live.engine import plan
-    from .live.observe import gpu_count
+    from ..predict import switches as sw
+    from . import probe, store
+    from .engine import plan
+    from .observe import gpu_count
 
     def run(switches: frozenset, tokens: int) -> str:
         flags, env = sw.apply(sc, switches)
@@ -310,15 +310,15 @@ def vllm_precheck(sc) -> Callable[[frozenset, int], str | None]:
     """``precheck`` for ``bisect``: "rejected" where vLLM refuses the switch set for this scenario or would
     refuse the prompt under it (its config validation and front-end length check, on the CPU), else None.
     A rejected set counts as not avoiding the fault."""
-    from . import switches as sw
-    from . import versions
+    from .. import compat
+    from ..predict import switches as sw
 
     def check(switches: frozenset, tokens: int) -> str | None:
         flags, env = sw.apply(sc, switches)
         with sw.with_env(env):
             try:
                 derived = sc.derive(*flags)
-                versions.check_prompt_len(derived.vllm_config, tokens)  # chunked-prefill-off caps max_model_len
+                compat.check_prompt_len(derived.vllm_config, tokens)  # chunked-prefill-off caps max_model_len
             except DiagError:
                 return "rejected"
         return None
@@ -328,7 +328,7 @@ def vllm_precheck(sc) -> Callable[[frozenset, int], str | None]:
 
 def describe(result: BisectResult, sc) -> tuple[dict, str]:
     """JSON-ready data and text for a bisection of scenario ``sc``: minimal set, its flags, layer, pair."""
-    from . import switches as sw
+    from ..predict import switches as sw
 
     data = result.as_dict()
     data["implicated"] = sw.implicated(result.minimal) if result.complete else None

@@ -1,0 +1,1 @@
+"""What the user sees: the report, figures and widget panels."""
