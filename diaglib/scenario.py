@@ -196,11 +196,7 @@ class _ParseError(Exception):
 
 def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     """Parse with vLLM's own `vllm serve` parser; an unknown or malformed flag becomes a DiagError."""
-    from vllm.entrypoints.cli.serve import ServeSubcommand
-
-    parser = compat.flexible_argument_parser()(prog="vllm")
-    subparsers = parser.add_subparsers(dest="subparser")
-    serve = ServeSubcommand().subparser_init(subparsers)
+    parser, serve = compat.serve_parser()
 
     def fail(message: str):
         raise _ParseError(message)

@@ -23,13 +23,16 @@ from .attention import (
 from .compile import (
     capture_sizes_flag,
     compilation_summary,
+    compile_ranges,
     compile_target,
     max_capture_size_flags,
 )
 from .cudagraphs import (
+    GraphDispatch,
     cudagraph_dispatcher,
     dispatch_batch,
     dispatch_derived,
+    runner_kind,
     uniform_decode_query_len,
 )
 from .detect import VllmApiMissing
@@ -43,7 +46,7 @@ from .models import (
     triton_config_dtype,
     triton_experts,
 )
-from .parsing import check_prompt_len, flexible_argument_parser
+from .parsing import check_prompt_len, flexible_argument_parser, serve_options, serve_parser
 from .releases import CI, REFERENCE, installed, is_verified, supported, venv_python
 from .scheduling import (
     batch_queue_size,
@@ -54,6 +57,7 @@ from .scheduling import (
     new_scheduler,
     private_config,
     runner_output,
+    scheduler_class,
     scheduler_summary,
 )
 from .switches import kill_switches

@@ -1,11 +1,13 @@
 """How the compatibility layer finds what the installed vLLM offers: by an import, an attribute or a signature.
 
 Callers never compare version strings; each concern module asks these helpers (once, cached) and names
-the result as a flag. When none of the known spellings exists, :class:`VllmApiMissing` says in one line
-which vLLM API was looked for, so a release nobody has tested fails clearly instead of with a traceback.
+the result as a flag (``has_compile_ranges()``). When none of the known spellings exists,
+:class:`VllmApiMissing` says in one line which vLLM API was looked for, so a release nobody has tested
+fails clearly instead of with a traceback.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -16,6 +18,11 @@ from .releases import installed
 
 class VllmApiMissing(DiagError):
     """The installed vLLM has none of the APIs diaglib knows for one purpose."""
+
+
+def missing(what: str, looked_for: str) -> VllmApiMissing:
+    """The one-line error for an API this vLLM lacks."""
+    return VllmApiMissing(f"vLLM {installed()} has no {what} (looked for {looked_for})")
 
 
 def _lookup(path: str):
@@ -44,7 +51,7 @@ def first(what: str, *paths: str):
             return _lookup(p)
         except (ImportError, AttributeError):
             continue
-    raise VllmApiMissing(f"vLLM {installed()} has no {what} (looked for {', '.join(paths)})")
+    raise missing(what, ", ".join(paths))
 
 
 @functools.cache
@@ -56,6 +63,42 @@ def takes(path: str, param: str) -> bool:
         return False
 
 
+@functools.cache
+def fields(path: str) -> frozenset[str]:
+    """The field names of the (pydantic or plain) dataclass at ``path``; empty when absent."""
+    try:
+        cls = _lookup(path)
+    except (ImportError, AttributeError):
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else frozenset()
+
+
+def field_default(path: str, name: str):
+    """The declared default of dataclass field ``name`` at ``path`` (dataclasses.MISSING when none)."""
+    f = next((f for f in dataclasses.fields(_lookup(path)) if f.name == name), None)
+    if f is None:
+        return dataclasses.MISSING
+    default = f.default
+    return getattr(default, "default", default)  # a pydantic Field(default=...) carries it inside
+
+
+def call(what: str, fn, /, *args, **kwargs):
+    """``fn(*args, **kw)`` with only the keyword arguments its signature accepts (a release that lacks a
+    parameter does not need it); a required parameter diaglib does not give -> VllmApiMissing naming it."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise VllmApiMissing(f"vLLM {installed()}'s {what} does not take what diaglib gives: {e}") from None
+    return fn(*args, **kwargs)
+
+
 def _legacy() -> bool:
-    """True for the 0.10 line. Being replaced, concern by concern, by what the installed vLLM has."""
+    """True for the 0.10 line: left only for the concern modules not yet moved to capability flags
+    (models, attention); the configuration side no longer uses it."""
     return (installed() or "").startswith("0.10.")

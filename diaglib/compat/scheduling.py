@@ -1,28 +1,53 @@
-"""Scheduler and KV-cache sizing: vLLM's V1 scheduler, its requests and outputs, built as the engine core builds them."""
+"""Scheduler and KV-cache sizing: vLLM's V1 scheduler, its requests and outputs, built as the engine core builds them.
+
+Eras (decided by what the installed vLLM has):
+- scheduler class: ``SchedulerConfig.scheduler_cls`` (a qualname or class) up to 0.10.2;
+  ``get_scheduler_cls()`` from 0.11.2 (AsyncScheduler with async scheduling, on by default from 0.14.1).
+- scheduler arguments: ``block_size`` from 0.11.2, ``hash_block_size`` from 0.20.2 (both from
+  ``resolve_kv_cache_block_sizes``; before, block_size x DCP x PCP as EngineCore computes it).
+- KV sizing: ``kv_cache_utils.get_kv_cache_config`` (one worker) up to 0.10.2; ``get_kv_cache_configs`` +
+  ``generate_scheduler_kv_cache_config`` from 0.11.2; ``kv_cache_planning.get_kv_cache_configs`` with
+  ``get_global_kv_cache_groups`` in 0.33.0.
+- request hashing: inside the KV-cache manager in 0.10.0; ``get_request_block_hasher`` + ``Request(block_hasher=)``
+  from 0.10.1; ``get_hash_fn_by_name`` in ``vllm.utils`` (0.10.1) then ``vllm.utils.hashing`` (0.11.2).
+- ``Request`` and ``ModelRunnerOutput`` arguments change often: given by keyword, only those the class takes.
+- steps in flight: the executor's ``max_concurrent_batches`` up to 0.22.1, ``VllmConfig.max_concurrent_batches``
+  from 0.23.0.
+"""
 from __future__ import annotations
 
 import copy
 import inspect
+from types import SimpleNamespace
 
 from ..errors import DiagError
-from .detect import _legacy
+from .detect import call, fields, first, has
+
+
+def scheduler_class(vllm_config):
+    """The scheduler class vLLM's engine core instantiates for this config."""
+    sc = vllm_config.scheduler_config
+    if hasattr(sc, "get_scheduler_cls"):
+        return sc.get_scheduler_cls()
+    cls = sc.scheduler_cls
+    if isinstance(cls, str):
+        cls = first("resolve_obj_by_qualname", "vllm.utils.import_utils:resolve_obj_by_qualname",
+                    "vllm.utils:resolve_obj_by_qualname")(cls)
+    return cls
 
 
 def scheduler_summary(vllm_config) -> dict:
     """The scheduler knobs that decide what one step holds."""
     sc = vllm_config.scheduler_config
-    async_ = bool(getattr(sc, "async_scheduling", False))
-    cls = sc.scheduler_cls if _legacy() else sc.get_scheduler_cls()
-    if not isinstance(cls, str):
-        cls = f"{cls.__module__}.{cls.__qualname__}"
+    cls = scheduler_class(vllm_config)
     return {
         "max_num_batched_tokens": sc.max_num_batched_tokens,
         "max_num_seqs": sc.max_num_seqs,
         "max_model_len": vllm_config.model_config.max_model_len,
         "chunked_prefill": bool(sc.enable_chunked_prefill),
-        "async_scheduling": async_,
+        "async_scheduling": bool(getattr(sc, "async_scheduling", False)),
         "long_prefill_token_threshold": sc.long_prefill_token_threshold,
-        "scheduler_cls": cls,
+        "scheduler_cls": f"{cls.__module__}.{cls.__qualname__}",
     }
 
 
@@ -41,19 +66,16 @@ def kv_cache_spec(vllm_config):
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
-    if _legacy():
-        from vllm.utils import get_kv_cache_torch_dtype
-    else:
-        from vllm.utils.torch_utils import get_kv_cache_torch_dtype
-    kw = {"use_mla": mc.use_mla} if _legacy() else {}
-    return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=mc.get_num_kv_heads(pc),
-                             head_size=mc.get_head_size(),
-                             dtype=get_kv_cache_torch_dtype(vllm_config.cache_config.cache_dtype, mc.dtype), **kw)
+    kv_dtype = first("get_kv_cache_torch_dtype", "vllm.utils.torch_utils:get_kv_cache_torch_dtype",
+                     "vllm.utils:get_kv_cache_torch_dtype")
+    return call("FullAttentionSpec", FullAttentionSpec, block_size=vllm_config.cache_config.block_size,
+                num_kv_heads=mc.get_num_kv_heads(pc), head_size=mc.get_head_size(),
+                dtype=kv_dtype(vllm_config.cache_config.cache_dtype, mc.dtype), use_mla=mc.use_mla)
 
 
 def private_config(vllm_config):
     """A copy of the config whose cache and model configs are its own: what vLLM's engine start-up writes
-    into them (num_gpu_blocks; max_model_len, which 0.10.x's KV sizing leaves changed after a failed check)
+    into them (num_gpu_blocks; max_model_len, which KV sizing may leave changed after a failed check)
     stays out of the scenario's config."""
     cfg = copy.copy(vllm_config)
     cfg.cache_config = copy.copy(vllm_config.cache_config)
@@ -61,23 +83,50 @@ def private_config(vllm_config):
     return cfg
 
 
+def _engine_block_sizes(kv_cfg, vllm_config) -> tuple[int, int]:
+    """(scheduler block size, hash block size) as EngineCore derives them."""
+    from vllm.v1.core import kv_cache_utils as ku
+
+    if hasattr(ku, "resolve_kv_cache_block_sizes"):
+        return ku.resolve_kv_cache_block_sizes(kv_cfg, vllm_config)
+    pc = vllm_config.parallel_config
+    bs = (vllm_config.cache_config.block_size * (getattr(pc, "decode_context_parallel_size", 1) or 1)
+          * (getattr(pc, "prefill_context_parallel_size", 1) or 1))
+    return bs, bs
+
+
 def kv_cache_config(vllm_config, memory_bytes: int):
     """vLLM's KVCacheConfig for one rank with ``memory_bytes`` of KV memory, plus the scheduler's
-    (block_size, hash_block_size). Too little memory for max_model_len -> DiagError (vLLM's check).
-    Pass a :func:`private_config`: vLLM may write into it."""
+    (block_size, hash_block_size), as EngineCore._initialize_kv_caches makes them. Too little memory for
+    max_model_len -> DiagError (vLLM's check). Pass a :func:`private_config`: vLLM may write into it."""
     from vllm.v1.core import kv_cache_utils as ku
 
     spec = kv_cache_spec(vllm_config)
     n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
     specs = {f"model.layers.{i}.self_attn.attn": spec for i in range(n)}
     try:
-        if _legacy():
-            cfg = ku.get_kv_cache_config(vllm_config, specs, memory_bytes)
-            return cfg, vllm_config.cache_config.block_size, vllm_config.cache_config.block_size
-        cfg = ku.generate_scheduler_kv_cache_config(ku.get_kv_cache_configs(vllm_config, [specs], [memory_bytes]))
-        return (cfg, *ku.resolve_kv_cache_block_sizes(cfg, vllm_config))
+        if has("vllm.v1.core.kv_cache_planning:get_kv_cache_configs"):
+            from vllm.v1.core import kv_cache_planning as kp
+
+            groups = kp.get_global_kv_cache_groups(vllm_config, [specs])
+            cfg = ku.generate_scheduler_kv_cache_config(kp.get_kv_cache_configs(vllm_config, [specs],
+                                                                                 [memory_bytes], groups))
+        elif hasattr(ku, "get_kv_cache_configs"):
+            cfg = ku.generate_scheduler_kv_cache_config(ku.get_kv_cache_configs(vllm_config, [specs],
+                                                                                [memory_bytes]))
+        else:
+            cfg = first("KV-cache sizing", "vllm.v1.core.kv_cache_utils:get_kv_cache_config")(
+                vllm_config, specs, memory_bytes)
+        block_size, hash_block_size = _engine_block_sizes(cfg, vllm_config)
     except ValueError as e:
         raise DiagError(f"vLLM's KV-cache sizing: {' '.join(str(e).split())}") from None
+    kv_fields = fields("vllm.v1.kv_cache_interface:KVCacheConfig")
+    if "hash_block_size" in kv_fields:  # EngineCore sets them on the scheduler's config
+        cfg.hash_block_size = hash_block_size
+    if "cache_hit_alignment_tokens" in kv_fields:
+        cfg.cache_hit_alignment_tokens = ku.resolve_cache_hit_alignment_tokens(cfg, vllm_config, block_size,
+                                                                               hash_block_size)
+    return cfg, block_size, hash_block_size
 
 
 def new_scheduler(cfg, kv_cfg, block_size: int, hash_block_size: int):
@@ -87,26 +136,19 @@ def new_scheduler(cfg, kv_cfg, block_size: int, hash_block_size: int):
 
     cfg.cache_config.num_gpu_blocks = kv_cfg.num_blocks
     cfg.model_config.skip_tokenizer_init = True  # no tokenizer files here; only grammar decoding needs one
-    if _legacy():
-        from vllm.utils import get_hash_fn_by_name, resolve_obj_by_qualname
-
-        cls = cfg.scheduler_config.scheduler_cls
-        cls = resolve_obj_by_qualname(cls) if isinstance(cls, str) else cls
-        sched = cls(vllm_config=cfg, kv_cache_config=kv_cfg, structured_output_manager=StructuredOutputManager(cfg),
-                    include_finished_set=cfg.parallel_config.data_parallel_size > 1, log_stats=False)
-    else:
-        from vllm.utils.hashing import get_hash_fn_by_name
-
-        sched = cfg.scheduler_config.get_scheduler_cls()(
-            vllm_config=cfg, kv_cache_config=kv_cfg, structured_output_manager=StructuredOutputManager(cfg),
-            include_finished_set=False, log_stats=False, block_size=block_size, hash_block_size=hash_block_size)
+    sched = call("scheduler", scheduler_class(cfg), vllm_config=cfg, kv_cache_config=kv_cfg,
+                 structured_output_manager=StructuredOutputManager(cfg),
+                 include_finished_set=cfg.parallel_config.data_parallel_size > 1, log_stats=False,
+                 block_size=block_size, hash_block_size=hash_block_size)
     hasher = None
-    if cfg.cache_config.enable_prefix_caching:
+    if cfg.cache_config.enable_prefix_caching and has("vllm.v1.core.kv_cache_utils:get_request_block_hasher"):
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 
-        fn = get_hash_fn_by_name(cfg.cache_config.prefix_caching_hash_algo)
+        fn = first("get_hash_fn_by_name", "vllm.utils.hashing:get_hash_fn_by_name",
+                   "vllm.utils:get_hash_fn_by_name")(cfg.cache_config.prefix_caching_hash_algo)
         init_none_hash(fn)
-        hasher = get_request_block_hasher(hash_block_size, fn)
+        hasher = call("block hasher", get_request_block_hasher, hash_block_size, fn,
+                      num_hash_lookahead_tokens=getattr(cfg, "num_hash_lookahead_tokens", 0))
     return sched, hasher
 
 
@@ -117,23 +159,21 @@ def new_request(req_id: str, prompt_token_ids: list[int], max_tokens: int, block
     from vllm.v1.request import Request
 
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    if _legacy():
-        return Request(request_id=req_id, prompt_token_ids=prompt_token_ids, multi_modal_kwargs=None,
-                       multi_modal_hashes=None, multi_modal_placeholders=None, sampling_params=params,
-                       pooling_params=None, eos_token_id=None, cache_salt=cache_salt, block_hasher=block_hasher)
-    return Request(request_id=req_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
-                   pooling_params=None, cache_salt=cache_salt, block_hasher=block_hasher)
+    none = dict.fromkeys(("multi_modal_inputs", "multi_modal_kwargs", "multi_modal_hashes",
+                          "multi_modal_placeholders", "pooling_params", "eos_token_id"))
+    return call("Request", Request, request_id=req_id, prompt_token_ids=prompt_token_ids, sampling_params=params,
+                cache_salt=cache_salt, block_hasher=block_hasher, **none)
 
 
 def batch_queue_size(vllm_config) -> int:
-    """How many scheduled steps the engine core keeps in flight: its executor's max_concurrent_batches
-    (0.20.2 with async scheduling: 2, so step k+1 is scheduled before step k's output is processed)."""
-    from types import SimpleNamespace
-
+    """How many scheduled steps the engine core keeps in flight (with async scheduling 2: step k+1 is
+    scheduled before step k's output is processed)."""
+    if has("vllm.config:VllmConfig.max_concurrent_batches"):
+        return vllm_config.max_concurrent_batches
     from vllm.v1.executor.abstract import Executor
 
     prop = inspect.getattr_static(Executor.get_class(vllm_config), "max_concurrent_batches")
-    fn = getattr(prop, "fget", None) or prop.func  # a property on 0.10.x, a cached_property on 0.20
+    fn = getattr(prop, "fget", None) or prop.func  # a property, or a cached_property
     return fn(SimpleNamespace(parallel_config=vllm_config.parallel_config,
                               scheduler_config=vllm_config.scheduler_config))
 
@@ -143,7 +183,6 @@ def runner_output(req_ids: list[str], sampled: list[list[int]]):
     from vllm.v1.outputs import ModelRunnerOutput
 
     index = {r: i for i, r in enumerate(req_ids)}
-    if _legacy():
-        return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled,
-                                 spec_token_ids=None, logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
-    return ModelRunnerOutput(req_ids=req_ids, req_id_to_index=index, sampled_token_ids=sampled)
+    return call("ModelRunnerOutput", ModelRunnerOutput, req_ids=req_ids, req_id_to_index=index,
+                sampled_token_ids=sampled, spec_token_ids=None, logprobs=None, prompt_logprobs_dict={},
+                pooler_output=[])

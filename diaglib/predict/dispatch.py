@@ -1,8 +1,9 @@
 """How vLLM runs one step of N tokens: the padded size, the CUDA-graph runtime mode, the compiled graph.
 
 Answers come from vLLM's own code: its CudagraphDispatcher (keys set up as the model runner does after
-resolving the graph mode against the attention backend), its padding, and its piecewise backend's
-compile-range lookup. Version differences live in diaglib.compat (section "scheduling").
+resolving the graph mode against the attention backend; the V2 runner's CudaGraphManager where vLLM runs
+that one), its padding, and its piecewise backend's compile-range lookup. Version differences live in
+diaglib.compat (cudagraphs, compile).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pandas as pd
 from .. import compat
 from ..errors import DiagError
 
-_DISPATCHERS: dict[int, tuple[object, object, object]] = {}
+_DISPATCHERS: dict[int, tuple[object, object]] = {}
 
 
 def _config(target):
@@ -22,32 +23,39 @@ def _config(target):
     return getattr(target, "vllm_config", target)
 
 
-def dispatcher(target):
-    """vLLM's CudagraphDispatcher for this scenario/config (built once per config) and the resolved mode."""
+def dispatcher(target) -> compat.GraphDispatch:
+    """vLLM's CUDA-graph dispatch for this scenario/config (built once per config): ``.mode`` is the
+    graph mode resolved against the attention backend, ``.runner`` the model runner (V1 / V2)."""
     cfg = _config(target)
     hit = _DISPATCHERS.get(id(cfg))
     if hit is None or hit[0] is not cfg:
         if len(_DISPATCHERS) > 256:
             _DISPATCHERS.clear()
-        hit = _DISPATCHERS[id(cfg)] = (cfg, *compat.cudagraph_dispatcher(cfg))
-    return hit[1], hit[2]
+        hit = _DISPATCHERS[id(cfg)] = (cfg, compat.cudagraph_dispatcher(cfg))
+    return hit[1]
+
+
+def derived_note(target) -> str | None:
+    """What in this config's dispatch answers is diaglib's mirror of vLLM code (None: all vLLM's own)."""
+    return compat.dispatch_derived(dispatcher(target))
 
 
 def dispatch(target, num_tokens: int, *, num_reqs: int | None = None, max_query_len: int | None = None,
-             decode: bool = False) -> dict:
+             decode: bool = False, has_prefill: bool | None = None) -> dict:
     """Padded size, CUDA-graph runtime mode and compiled graph for a step of ``num_tokens`` tokens.
 
     The batch shape matters (a uniform decode batch may get a FULL graph where a mixed one gets
     PIECEWISE): give ``num_reqs`` and ``max_query_len`` (the most tokens any one request has in the
     step), or ``decode=True`` for ``num_tokens`` requests decoding one token each. Default: one request
-    contributing all ``num_tokens`` (a prefill chunk).
+    contributing all ``num_tokens`` (a prefill chunk). ``has_prefill`` (whether a request in the step is
+    still prefilling; default: judged from the batch shape) matters to the V2 model runner only.
     """
     cfg = _config(target)
-    disp, resolved = dispatcher(cfg)
-    uq = compat.uniform_decode_query_len(cfg)
-    num_reqs, max_query_len = _batch_shape(cfg, num_tokens, num_reqs, max_query_len, decode, uq)
+    gd = dispatcher(cfg)
+    num_reqs, max_query_len = _batch_shape(cfg, num_tokens, num_reqs, max_query_len, decode, gd.uniform_query_len)
     num_tokens, num_reqs, max_query_len = int(num_tokens), int(num_reqs), int(max_query_len)
-    padded, mode, uniform, desc = compat.dispatch_batch(disp, cfg, num_tokens, num_reqs, max_query_len)
+    padded, mode, uniform, desc = compat.dispatch_batch(gd, num_tokens, num_reqs, max_query_len,
+                                                        False if decode else has_prefill)
     kind, rng = compat.compile_target(cfg, padded)
     return {
         "num_tokens": num_tokens,
@@ -56,13 +64,14 @@ def dispatch(target, num_tokens: int, *, num_reqs: int | None = None, max_query_
         "uniform_decode": bool(uniform),
         "padded_tokens": int(padded),
         "padding": int(padded) - num_tokens,
-        "cudagraph_mode": mode.name,
-        "cudagraph_mode_config": resolved.name,
-        "batch_descriptor": str(desc) if desc is not None else None,
+        "cudagraph_mode": mode,
+        "cudagraph_mode_config": gd.mode,
+        "model_runner": gd.runner,
+        "batch_descriptor": desc,
         "compile_kind": kind,
         "compile_range": rng,
         "vllm_version": compat.installed(),
-        "derived": compat.dispatch_derived(),
+        "derived": compat.dispatch_derived(gd),
     }
 
 

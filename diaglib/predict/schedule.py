@@ -17,7 +17,7 @@ import pandas as pd
 
 from .. import compat
 from ..errors import DiagError
-from .dispatch import dispatch
+from .dispatch import derived_note, dispatch
 from .workload import Workload, single, with_decoders
 
 ACTIVATION_RESERVE_BYTES = 4 << 30  # guess: profile-run activations, CUDA graphs, NCCL buffers per rank
@@ -103,8 +103,8 @@ class Engine:
                         "guessed": kv_memory_bytes is None}
         self.notes = [why, f"{type(self.scheduler).__name__}, {self.kv_config.num_blocks} KV blocks of "
                            f"{block_size} tokens (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
-        if compat.dispatch_derived():
-            self.notes.append("graph dispatch " + compat.dispatch_derived())
+        if derived_note(self.cfg):
+            self.notes.append("graph dispatch " + derived_note(self.cfg))
 
     def run(self, workload: Workload, max_steps: int = 100_000) -> tuple[list[dict], list[dict]]:
         """Replay ``workload`` in the engine core's loop; returns (per-step rows, per-request rows).
@@ -177,7 +177,8 @@ class Engine:
                "max_query_len": max(counts.values(), default=0), "schedule": " ".join(codes),
                "at_budget": total == self.budget, "forward": total > 0}
         if total:
-            d = dispatch(self.cfg, total, num_reqs=len(ids), max_query_len=row["max_query_len"])
+            d = dispatch(self.cfg, total, num_reqs=len(ids), max_query_len=row["max_query_len"],
+                         has_prefill=row["num_prefill"] > 0)
             row.update({k: d[k] for k in ("uniform_decode", "padded_tokens", "cudagraph_mode", "compile_kind",
                                           "compile_range")})
         else:  # nothing scheduled: no forward pass (the step tells workers which requests finished)

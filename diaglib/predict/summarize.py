@@ -5,15 +5,13 @@ from .. import compat
 from ..scenario import Scenario
 
 
-def summarize(sc: Scenario) -> dict:
-    """A JSON-ready summary of the resolved scenario, read off vLLM's own objects."""
+def config_summary(sc: Scenario) -> dict:
+    """The configuration parts of the summary (compile, graphs, scheduler, KV cache, parallelism), read off
+    vLLM's resolved config: what `diaglib show` says without building the model."""
     cfg = sc.vllm_config
     pc = cfg.parallel_config
     mc = cfg.model_config
-    quant = getattr(mc, "quantization", None)
     from vllm.platforms import current_platform as plat
-
-    from .layers import moe_backend
 
     return {
         "scenario": sc.name,
@@ -27,16 +25,23 @@ def summarize(sc: Scenario) -> dict:
         "model": {"path": str(sc.model_dir), "architecture": (mc.architectures or ["?"])[0],
                   "dtype": str(mc.dtype).removeprefix("torch."), "max_model_len": mc.max_model_len},
         "compilation": compat.compilation_summary(cfg),
+        "model_runner": compat.runner_kind(cfg),
         "scheduler": compat.scheduler_summary(cfg),
         "cache": compat.cache_summary(cfg),
         "parallel": {"tensor_parallel_size": pc.tensor_parallel_size,
                      "pipeline_parallel_size": pc.pipeline_parallel_size,
                      "data_parallel_size": pc.data_parallel_size,
                      "enable_expert_parallel": bool(pc.enable_expert_parallel)},
-        "quantization": quant,
-        "attention_backend": compat.attention_backend(cfg),
-        "moe": moe_backend(sc),
+        "quantization": getattr(mc, "quantization", None),
     }
+
+
+def summarize(sc: Scenario) -> dict:
+    """A JSON-ready summary of the resolved scenario, read off vLLM's own objects."""
+    from .layers import moe_backend
+
+    return {**config_summary(sc), "attention_backend": compat.attention_backend(sc.vllm_config),
+            "moe": moe_backend(sc)}
 
 
 def format_text(s: dict) -> str:
@@ -59,6 +64,7 @@ def format_text(s: dict) -> str:
         ("cudagraph mode", c["cudagraph_mode"]),
         ("capture sizes", f"{len(caps)} sizes, max {c['max_cudagraph_capture_size']}: {_runs(caps)}"),
         ("splitting ops", ", ".join(c["splitting_ops"])),
+        ("model runner", s["model_runner"]),
         ("scheduler", f"{sch['scheduler_cls'].rsplit('.', 1)[-1]}, max_num_batched_tokens {sch['max_num_batched_tokens']}, "
                       f"max_num_seqs {sch['max_num_seqs']}, chunked prefill {_onoff(sch['chunked_prefill'])}, "
                       f"async {_onoff(sch['async_scheduling'])}"),

@@ -1,8 +1,10 @@
 """The kill-switch catalogue: what each switch turns off, the layer it implicates, and its spelling.
 
 Spellings per vLLM version come from ``compat.kill_switches``; ``verify`` applies each one through
-vLLM (``Scenario.derive`` plus the env vars) and checks on the resolved configuration that it did what
-it claims (a flag vLLM accepts but ignores, such as ``-O.backend=eager`` on 0.10.1.1, fails that check).
+vLLM (``Scenario.derive`` plus the env vars) and checks on the resolved configuration (or, for padding, on
+vLLM's dispatch of a step) that it did what it claims (a flag vLLM accepts but ignores, such as
+``-O.backend=eager`` on 0.10.1.1, or one it overrides, such as --no-enable-chunked-prefill on 0.10, fails
+that check: "no effect").
 """
 from __future__ import annotations
 
@@ -57,7 +59,8 @@ CATALOGUE = (
            lambda a, b: a != b),
     Switch("budget-1", "token budget (batch exactly at max_num_batched_tokens)", "max_num_batched_tokens - 1",
            "max_num_batched_tokens", lambda a, b: b == a - 1),
-    Switch("pad-off", "CUDA-graph padding", "no padding to a capture size", "cudagraph_mode", lambda a, b: False),
+    Switch("pad-off", "CUDA-graph padding", "no padding to a capture size", "padding",
+           lambda a, b: bool(a) and not b),
 )
 BY_NAME = {s.name: s for s in CATALOGUE}
 # budget-1 sets the same flag as budget+1: it is asked for by name, never part of the default candidates.
@@ -93,6 +96,12 @@ def _fact(sc: Scenario, name: str):
         return info and info["backend"]
     if name == "attention_backend":
         return compat.fresh_attention_backend(cfg)
+    if name == "padding":  # tokens added to the smallest step that is not a capture size
+        from .dispatch import dispatch
+
+        sizes = compat.compilation_summary(cfg)["cudagraph_capture_sizes"]
+        gaps = [b - 1 for a, b in zip(sizes, sizes[1:]) if b - a > 1]
+        return dispatch(cfg, gaps[0])["padding"] if gaps else None
     if name == "moe_chunk":  # None: no step of this budget is split into MoE chunks
         chunk = compat.moe_chunk_size()
         return chunk if chunk is not None and chunk < cfg.scheduler_config.max_num_batched_tokens else None
