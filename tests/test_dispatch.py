@@ -7,9 +7,21 @@ from diaglib import compat
 from diaglib.errors import DiagError
 from diaglib.predict.dispatch import dispatch, dispatch_table, dispatcher
 
+pytestmark = pytest.mark.contract
+
 
 def _capture_sizes(sc):
     return sorted(compat.compilation_summary(sc.vllm_config)["cudagraph_capture_sizes"])
+
+
+def _decode_and_mixed(sc) -> tuple[str, str]:
+    """The resolved graph mode's decode and mixed-batch modes (vLLM's CUDAGraphMode where it has one)."""
+    mode = dispatcher(sc).mode
+    try:
+        from vllm.config import CUDAGraphMode
+    except ImportError:  # 0.10.0: one kind of graph for every batch
+        return mode, mode
+    return CUDAGraphMode[mode].decode_mode().name, CUDAGraphMode[mode].mixed_mode().name
 
 
 @pytest.mark.parametrize("n", [513, 8191, 8192])
@@ -22,7 +34,7 @@ def test_large_steps_run_without_cuda_graph(scenario, n):
 def test_seven_tokens_pad_to_eight_with_a_graph(scenario):
     d = dispatch(scenario, 7)
     assert d["padded_tokens"] == 8
-    assert d["cudagraph_mode"] == "PIECEWISE"  # one request of 7 tokens: a mixed batch
+    assert d["cudagraph_mode"] == _decode_and_mixed(scenario)[1] != "NONE"  # one request of 7 tokens: mixed
 
 
 def test_padding_is_the_next_capture_size(scenario):
@@ -36,15 +48,18 @@ def test_padding_is_the_next_capture_size(scenario):
 
 
 def test_uniform_decode_gets_full_graph_where_the_mode_allows(scenario):
-    from vllm.config import CUDAGraphMode
-
-    _, resolved = dispatcher(scenario)
+    decode, mixed = _decode_and_mixed(scenario)
     d = dispatch(scenario, 7, decode=True)
     assert d["uniform_decode"] and d["padded_tokens"] == 8
-    want = "FULL" if resolved.decode_mode() == CUDAGraphMode.FULL else resolved.mixed_mode().name
-    assert d["cudagraph_mode"] == want
-    mixed = dispatch(scenario, 8, num_reqs=2, max_query_len=7)
-    assert not mixed["uniform_decode"] and mixed["cudagraph_mode"] == resolved.mixed_mode().name
+    assert d["cudagraph_mode"] == (decode if decode != "NONE" else mixed)
+    m = dispatch(scenario, 8, num_reqs=2, max_query_len=7)
+    assert not m["uniform_decode"] and m["cudagraph_mode"] == mixed
+
+
+def test_resolved_mode_and_runner_are_reported(scenario):
+    d = dispatch(scenario, 100)
+    assert d["cudagraph_mode_config"] == dispatcher(scenario).mode
+    assert d["model_runner"] == compat.runner_kind(scenario.vllm_config)
 
 
 def test_dispatch_leaves_the_config_alone(scenario):
@@ -56,11 +71,12 @@ def test_dispatch_leaves_the_config_alone(scenario):
 def test_compile_range_holds_the_padded_size(scenario):
     ranges = compat.compilation_summary(scenario.vllm_config)["compile_ranges"]
     assert ranges
-    for n in (1, 7, 51, 52, 512, 513, 8192):
+    for n in (1, 7, 51, 52, 512, 513, 8191, 8192):
         d = dispatch(scenario, n)
         lo, hi = d["compile_range"]
         assert lo <= d["padded_tokens"] <= hi
         assert (lo, hi) in ranges
+    assert dispatch(scenario, 8192)["compile_range"] == ranges[-1]  # the last range ends at the budget
 
 
 def test_enforce_eager_means_no_graph_and_no_compilation(scenario):

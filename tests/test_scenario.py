@@ -8,6 +8,8 @@ from diaglib import scenario as scn
 from diaglib.errors import DiagError
 from diaglib.gpus import gpu_spec
 
+pytestmark = pytest.mark.contract
+
 SEED_CMD = "vllm serve zai-org/GLM-4.6-FP8 --enable-chunked-prefill --max-num-batched-tokens 8192 -tp 8"
 
 
@@ -44,7 +46,8 @@ def test_compilation_summary_reads_vllm_objects(scenario):
     cc = scenario.vllm_config.compilation_config
     s = compat.compilation_summary(scenario.vllm_config)
     assert s["cudagraph_capture_sizes"] == sorted(cc.cudagraph_capture_sizes)
-    assert s["cudagraph_mode"] == cc.cudagraph_mode.name
+    if hasattr(cc, "cudagraph_mode"):
+        assert s["cudagraph_mode"] == cc.cudagraph_mode.name
     assert s["max_cudagraph_capture_size"] == max(cc.cudagraph_capture_sizes)
     # The compile ranges tile 1..max_num_batched_tokens without gaps.
     mnbt = scenario.vllm_config.scheduler_config.max_num_batched_tokens

@@ -1,4 +1,4 @@
-"""diaglib.predict.schedule drives vLLM's own V1 scheduler (AsyncScheduler on 0.20.2): the behaviour issue 3 names."""
+"""diaglib.predict.schedule drives vLLM's own V1 scheduler (the class the config picks): the behaviour issue 3 names."""
 from __future__ import annotations
 
 import pandas as pd
@@ -15,6 +15,8 @@ from diaglib.predict.workload import (
     summing_to,
     with_decoders,
 )
+
+pytestmark = pytest.mark.contract
 
 
 @pytest.fixture(scope="session")
@@ -188,10 +190,12 @@ def test_rejected_knob_value_is_one_clear_line(scenario):
 
 
 def test_stalled_scheduler_is_reported(scenario):
-    if not compat._legacy():
-        pytest.skip("0.20.2 rejects max_num_seqs 0 itself (see test_rejected_knob_value_is_one_clear_line)")
+    try:
+        stalled = scenario.derive("--max-num-seqs", "0")
+    except DiagError:
+        pytest.skip("this vLLM rejects max_num_seqs 0 itself (see test_rejected_knob_value_is_one_clear_line)")
     with pytest.raises(DiagError, match="^vLLM's scheduler schedules nothing at step 1 while requests wait"):
-        trace(scenario.derive("--max-num-seqs", "0"), single(10))
+        trace(stalled, single(10))
 
 
 def test_parsers():

@@ -7,17 +7,25 @@ from diaglib import compat
 from diaglib.errors import DiagError
 from diaglib.predict import switches
 
-# What each switch does on the seed scenario, per vLLM version (vLLM's answers, checked by verify()).
+pytestmark = pytest.mark.contract
+
+# What each switch does on the seed scenario under the CI releases (vLLM's answers, checked by verify()).
+# moe-backend's fact comes from the MoE layers (predict.layers): it has a test of its own below.
 EXPECTED = {
+    "0.33.0": {"ok": ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "chunked-prefill-off",
+                      "async-off", "budget+1", "attention-backend", "budget-1"],
+               "unavailable": ["moe-chunk-off", "moe-chunk-half", "pad-off"], "no effect": []},
     "0.20.2": {"ok": ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "chunked-prefill-off",
-                      "async-off", "budget+1", "moe-backend", "attention-backend", "budget-1"],
+                      "async-off", "budget+1", "attention-backend", "budget-1"],
                "unavailable": ["moe-chunk-off", "moe-chunk-half", "pad-off"], "no effect": []},
     "0.10.1.1": {"ok": ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "budget+1",
                         "moe-chunk-half", "attention-backend", "budget-1"],
-                 "unavailable": ["chunked-prefill-off", "async-off", "moe-backend", "pad-off"],
-                 # chunking starts at 32768 tokens: turning it off changes nothing at an 8192 budget
-                 "no effect": ["moe-chunk-off"]},
+                 "unavailable": ["pad-off"],
+                 # the V1 engine of 0.10 forces chunked prefill on; async scheduling is off by default;
+                 # MoE chunking starts at 32768 tokens: turning it off changes nothing at an 8192 budget
+                 "no effect": ["chunked-prefill-off", "async-off", "moe-chunk-off"]},
 }
+ALWAYS_OK = ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "budget+1", "budget-1"]
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +34,38 @@ def table(scenario):
 
 
 def test_every_switch_is_verified_by_vllm(table):
-    expected = EXPECTED[compat.installed()]
-    got = {status: table.loc[table.status == status, "switch"].tolist() for status in expected}
-    assert got == expected
+    t = table[table.switch != "moe-backend"]
+    got = {status: t.loc[t.status == status, "switch"].tolist() for status in ("ok", "unavailable", "no effect")}
+    assert set(ALWAYS_OK) <= set(got["ok"])  # on every release
     assert set(table.switch) == set(switches.BY_NAME)
+    assert not (set(t.status) - {"ok", "no effect", "unavailable", "rejected"})
+    expected = EXPECTED.get(compat.installed())
+    if expected is None:
+        pytest.skip(f"no recorded expectations for vLLM {compat.installed()} (the CI releases have them)")
+    assert got == expected
 
 
-def test_spellings_per_version(table):
+def test_moe_backend_switch(table):
+    row = table.set_index("switch").loc["moe-backend"]
+    if row.status == "unverified":  # pending: the MoE layers of this release (predict.layers)
+        pytest.xfail(f"MoE backend not readable on this vLLM yet: {row.note}")
+    assert row.status in ("ok", "unavailable")
+
+
+def test_spellings_are_this_parsers(scenario, table):
+    """Each spelling is accepted by this vLLM's serve parser (its option strings), and the compilation
+    switches use the compilation-config flag's own short form."""
+    from diaglib.compat.parsing import option_alias
+
+    opts = compat.serve_options()
+    cc = option_alias("--compilation-config")
+    for r in table.itertuples():
+        for word in r.flags:
+            if word.startswith("-"):
+                assert word.split(".", 1)[0].split("=", 1)[0] in opts, (r.switch, word)
     flags = dict(zip(table["switch"], table["flags"]))
-    if compat._legacy():
-        assert flags["cudagraph-off"] == ["-O.cudagraph_mode=NONE"]
-        assert flags["compile-off"] == ["-O", "0"]
-        assert flags["inductor-off"] == ["-O.use_inductor=False"]
-    else:
-        assert flags["cudagraph-off"] == ["-cc.cudagraph_mode=NONE"]
-        assert flags["compile-off"] == ["-cc.mode=0"]
-        assert flags["inductor-off"] == ["-cc.backend=eager"]
+    for name in ("compile-off", "cudagraph-off", "inductor-off"):
+        assert flags[name][0].startswith(cc + ".")
 
 
 def test_cudagraph_switch_keeps_compilation(table):
@@ -50,13 +74,21 @@ def test_cudagraph_switch_keeps_compilation(table):
 
 
 def test_the_spellings_that_look_right_but_are_not(scenario):
-    """0.20.2 rejects the -O.key spelling outright; 0.10.1.1 accepts -O.backend=eager but keeps Inductor."""
-    if compat._legacy():
-        derived = scenario.derive("-O.backend=eager")
+    """Where use_inductor picks the backend, -O.backend=eager is accepted but Inductor stays; where -O is the
+    optimization level, -O.key=value is refused or rewritten to the compilation config (-cc)."""
+    from diaglib.compat.compile import inductor_by_flag
+    from diaglib.compat.parsing import option_alias
+
+    if inductor_by_flag():
+        derived = scenario.derive(f"{option_alias('--compilation-config')}.backend=eager")
         assert compat.compilation_summary(derived.vllm_config)["compile_backend"] == "inductor"
-    else:
-        with pytest.raises(DiagError, match="optimization_level"):
-            scenario.derive("-O.cudagraph_mode=NONE")
+    if option_alias("--compilation-config") != "-O":
+        try:
+            derived = scenario.derive("-O.cudagraph_mode=NONE")
+        except DiagError as e:
+            assert "optimization_level" in str(e) or "-O" in str(e)
+        else:
+            assert compat.compilation_summary(derived.vllm_config)["cudagraph_mode"] == "NONE"
 
 
 def test_candidates_are_broadest_first_and_combine(scenario):
@@ -94,4 +126,6 @@ def test_cli_switches(scenario_name, capsys):
     text = capsys.readouterr().out
     line = next(ln for ln in text.splitlines() if ln.startswith("cudagraph-off"))
     assert "ok" in line and "CUDA graphs" in line
-    assert ("-O.cudagraph_mode=NONE" if compat._legacy() else "-cc.cudagraph_mode=NONE") in line
+    from diaglib.compat.parsing import option_alias
+
+    assert f"{option_alias('--compilation-config')}.cudagraph_mode=NONE" in line

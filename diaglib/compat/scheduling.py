@@ -7,7 +7,7 @@ Eras (decided by what the installed vLLM has):
   ``resolve_kv_cache_block_sizes``; before, block_size x DCP x PCP as EngineCore computes it).
 - KV sizing: ``kv_cache_utils.get_kv_cache_config`` (one worker) up to 0.10.2; ``get_kv_cache_configs`` +
   ``generate_scheduler_kv_cache_config`` from 0.11.2; ``kv_cache_planning.get_kv_cache_configs`` with
-  ``get_global_kv_cache_groups`` in 0.33.0.
+  ``get_global_kv_cache_groups`` in 0.33.0; from 0.29.0 a KV-cache layout resolved first (``resolve_kv_cache_layout``).
 - request hashing: inside the KV-cache manager in 0.10.0; ``get_request_block_hasher`` + ``Request(block_hasher=)``
   from 0.10.1; ``get_hash_fn_by_name`` in ``vllm.utils`` (0.10.1) then ``vllm.utils.hashing`` (0.11.2).
 - ``Request`` and ``ModelRunnerOutput`` arguments change often: given by keyword, only those the class takes.
@@ -95,6 +95,21 @@ def _engine_block_sizes(kv_cfg, vllm_config) -> tuple[int, int]:
     return bs, bs
 
 
+def _resolve_kv_cache_layout(vllm_config, spec) -> None:
+    """Where the engine core resolves one KV-cache layout before sizing (0.29.0+), resolve it as it does:
+    from the layouts the attention backend supports, recorded in the (private) cache config."""
+    if not has("vllm.v1.attention.backends.utils:resolve_kv_cache_layout") \
+            or vllm_config.cache_config.kv_cache_layout is not None:
+        return
+    from vllm.v1.attention.backends import utils as au
+
+    from .attention import attention_backend_class
+
+    supported = [layout.name for layout in au.get_supported_kv_cache_layouts([attention_backend_class(vllm_config)])]
+    layout = au.resolve_kv_cache_layout(vllm_config, [supported], [spec])
+    au.record_kv_cache_layout(vllm_config.cache_config, layout.name)
+
+
 def kv_cache_config(vllm_config, memory_bytes: int):
     """vLLM's KVCacheConfig for one rank with ``memory_bytes`` of KV memory, plus the scheduler's
     (block_size, hash_block_size), as EngineCore._initialize_kv_caches makes them. Too little memory for
@@ -105,6 +120,7 @@ def kv_cache_config(vllm_config, memory_bytes: int):
     n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
     specs = {f"model.layers.{i}.self_attn.attn": spec for i in range(n)}
     try:
+        _resolve_kv_cache_layout(vllm_config, spec)
         if has("vllm.v1.core.kv_cache_planning:get_kv_cache_configs"):
             from vllm.v1.core import kv_cache_planning as kp
 

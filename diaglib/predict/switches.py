@@ -113,8 +113,9 @@ def _fact(sc: Scenario, name: str):
 def verify(sc: Scenario, names: Iterable[str] | None = None) -> pd.DataFrame:
     """Apply each switch through vLLM and check its effect on the resolved configuration.
 
-    Columns: switch, layer, flags, env, status ("ok", "no effect", "rejected", "unavailable"), before,
-    after, note. Only "ok" switches are bisection candidates.
+    Columns: switch, layer, flags, env, status ("ok", "no effect", "rejected", "unavailable", or "unverified"
+    where the fact it changes cannot be read on this vLLM), before, after, note. Only "ok" switches are
+    bisection candidates.
     """
     spell = spelling(sc)
     rows = []
@@ -126,7 +127,12 @@ def verify(sc: Scenario, names: Iterable[str] | None = None) -> pd.DataFrame:
         if not isinstance(s, str):
             flags, env = s
             row.update(flags=flags, env=env)
-            before = _fact(sc, sw.fact)
+            try:
+                before = _fact(sc, sw.fact)
+            except (compat.VllmApiMissing, ImportError) as e:  # this vLLM lacks an API the fact is read with
+                row.update(status="unverified", note=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                rows.append(row)
+                continue
             with with_env(env):
                 try:
                     derived = sc.derive(*flags)
