@@ -35,6 +35,19 @@ def test_call_passes_only_what_the_signature_takes():
         detect.call("f", f, b=3)
 
 
+def test_call_follows_kwargs_passed_on_to_a_base():
+    """A subclass whose __init__ takes **kwargs (AsyncScheduler) accepts only what its base's __init__ takes."""
+    class Base:
+        def __init__(self, a, b=1):
+            self.got = (a, b)
+
+    class Passing(Base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    assert detect.call("Passing", Passing, a=1, b=2, newer_only=3).got == (1, 2)
+
+
 def test_first_names_every_spelling_it_looked_for(scenario):  # (vLLM is imported after the what-if GPU)
     with pytest.raises(compat.VllmApiMissing) as e:
         detect.first("a frobnicator", "vllm.nope:Frob", "vllm.config:NoSuchThing")

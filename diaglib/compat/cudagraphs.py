@@ -166,6 +166,8 @@ def _v2_dispatch(cfg, uq) -> GraphDispatch:
     if not hasattr(mgr_cls, "_init_candidates"):
         raise missing("V2 CUDA-graph manager with candidate descriptors", "CudaGraphManager._init_candidates")
     cc = cfg.compilation_config
+    if not hasattr(cc, "resolve_cudagraph_mode_and_sizes"):
+        raise missing("graph-mode resolution for the V2 model runner", "CompilationConfig.resolve_cudagraph_mode_and_sizes")
     backend, builder, support = _attention_cg_support(cfg)
     mode = call("resolve_cudagraph_mode_and_sizes", cc.resolve_cudagraph_mode_and_sizes, min_cg_support=support,
                 min_cg_attn_backend=backend.__name__, uniform_decode_query_len=uq, use_v2_model_runner=True,
@@ -303,6 +305,8 @@ def dispatch_derived(gd: GraphDispatch) -> str | None:
     elif _v1_runner() is None:
         notes.append("GPUModelRunner (not importable without a GPU) resolves the graph mode and pads inline: "
                      "mirrored here")
+    elif not hasattr(_v1_runner(), "_is_uniform_decode"):
+        notes.append("the uniform-decode test is inline in GPUModelRunner here: mirrored")
     if is_piecewise(gd.vllm_config.compilation_config) and not has_compile_ranges():
         notes.append("one dynamic-shape graph, shown as range 1..max_num_batched_tokens")
     return ("derived: " + "; ".join(notes)) if notes else None

@@ -82,15 +82,28 @@ def field_default(path: str, name: str):
     return getattr(default, "default", default)  # a pydantic Field(default=...) carries it inside
 
 
+def _accepted(fn) -> set[str] | None:
+    """The keyword names ``fn`` accepts (None: any). A class whose __init__ passes ``**kwargs`` on (e.g.
+    AsyncScheduler to Scheduler) accepts what its bases' __init__ accept, up to the first without them."""
+    chain = [c.__dict__["__init__"] for c in fn.__mro__ if "__init__" in c.__dict__] if inspect.isclass(fn) else [fn]
+    names: set[str] = set()
+    for f in chain:
+        params = inspect.signature(f).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return names
+    return None
+
+
 def call(what: str, fn, /, *args, **kwargs):
     """``fn(*args, **kw)`` with only the keyword arguments its signature accepts (a release that lacks a
     parameter does not need it); a required parameter diaglib does not give -> VllmApiMissing naming it."""
     try:
-        sig = inspect.signature(fn)
+        sig, accepted = inspect.signature(fn), _accepted(fn)
     except (TypeError, ValueError):
         return fn(*args, **kwargs)
-    if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in sig.parameters}
+    if accepted is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     try:
         sig.bind(*args, **kwargs)
     except TypeError as e:
