@@ -2,9 +2,9 @@
 
 Eras (what the installed vLLM has decides, never its version string):
 - parser: ``vllm.utils.argparse_utils.FlexibleArgumentParser`` (0.11.2+), ``vllm.utils`` before.
-- prompt-length check: ``InputProcessor._validate_prompt_len`` (0.17.1+); ``InputProcessor._validate_model_input``
-  (0.12.0-0.16.0; rejects a prompt of exactly max_model_len: no room for one output token); the
-  ``Processor._validate_model_input(inputs, lora_request, *, prompt_type)`` of 0.10.0-0.11.2 (only longer ones).
+- prompt-length check: ``InputProcessor._validate_prompt_len`` (0.17.1+), else ``_validate_model_input`` of
+  ``InputProcessor`` (0.12.0-0.16.0) or ``Processor`` (0.10.0-0.11.2; 0.10.x with a ``lora_request`` argument).
+  From 0.11.2 a prompt of exactly max_model_len is refused too (no room for one output token).
   From 0.27.1 vLLM raises VLLMValidationError, which is no ValueError.
 """
 from __future__ import annotations

@@ -10,7 +10,8 @@ Eras (decided by what the installed vLLM has):
   ``get_global_kv_cache_groups`` in 0.33.0; from 0.29.0 a KV-cache layout resolved first (``resolve_kv_cache_layout``).
 - request hashing: inside the KV-cache manager in 0.10.0; ``get_request_block_hasher`` + ``Request(block_hasher=)``
   from 0.10.1; ``get_hash_fn_by_name`` in ``vllm.utils`` (0.10.1) then ``vllm.utils.hashing`` (0.11.2).
-- ``Request`` and ``ModelRunnerOutput`` arguments change often: given by keyword, only those the class takes.
+- ``Request`` and ``ModelRunnerOutput`` arguments change often: given by keyword, only those the class takes;
+  0.11.2's ModelRunnerOutput wants numpy arrays of sampled tokens (declared ``list[np.ndarray]``).
 - steps in flight: the executor's ``max_concurrent_batches`` up to 0.22.1, ``VllmConfig.max_concurrent_batches``
   from 0.23.0.
 """
@@ -199,6 +200,11 @@ def runner_output(req_ids: list[str], sampled: list[list[int]]):
     from vllm.v1.outputs import ModelRunnerOutput
 
     index = {r: i for i, r in enumerate(req_ids)}
+    field = getattr(ModelRunnerOutput, "__dataclass_fields__", {}).get("sampled_token_ids")
+    if field is not None and "ndarray" in str(field.type):  # 0.11.2: one numpy array per request
+        import numpy as np
+
+        sampled = [np.array(t, dtype=np.int64) for t in sampled]
     return call("ModelRunnerOutput", ModelRunnerOutput, req_ids=req_ids, req_id_to_index=index,
                 sampled_token_ids=sampled, spec_token_ids=None, logprobs=None, prompt_logprobs_dict={},
                 pooler_output=[])
