@@ -47,6 +47,14 @@ def test_call_follows_kwargs_passed_on_to_a_base():
 
     assert detect.call("Passing", Passing, a=1, b=2, newer_only=3).got == (1, 2)
 
+    from typing import NamedTuple
+
+    class Descriptor(NamedTuple):  # like 0.10's BatchDescriptor: no has_lora yet
+        num_tokens: int
+        uniform_decode: bool = False
+
+    assert detect.call("Descriptor", Descriptor, num_tokens=8, uniform_decode=True, has_lora=False) == (8, True)
+
 
 def test_first_names_every_spelling_it_looked_for(scenario):  # (vLLM is imported after the what-if GPU)
     with pytest.raises(compat.VllmApiMissing) as e:

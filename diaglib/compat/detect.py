@@ -85,13 +85,22 @@ def field_default(path: str, name: str):
 def _accepted(fn) -> set[str] | None:
     """The keyword names ``fn`` accepts (None: any). A class whose __init__ passes ``**kwargs`` on (e.g.
     AsyncScheduler to Scheduler) accepts what its bases' __init__ accept, up to the first without them."""
-    chain = [c.__dict__["__init__"] for c in fn.__mro__ if "__init__" in c.__dict__] if inspect.isclass(fn) else [fn]
-    names: set[str] = set()
-    for f in chain:
-        params = inspect.signature(f).parameters
-        names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return names
+    def named(params):
+        return {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    def open_ended(params):
+        return any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    params = inspect.signature(fn).parameters
+    names = named(params)
+    if not open_ended(params):
+        return names
+    for base in (fn.__mro__[1:-1] if inspect.isclass(fn) else ()):  # not object
+        if "__init__" in base.__dict__:
+            params = inspect.signature(base.__dict__["__init__"]).parameters
+            names |= named(params)
+            if not open_ended(params):
+                return names
     return None
 
 
