@@ -79,10 +79,21 @@ def build_model(sc: Scenario):
     hit = _models.get(id(sc))
     if hit is not None and hit[0] is sc:
         return hit[1]
+    model = new_model(sc)[0]
+    if len(_models) >= _MAX_MODELS:
+        _models.pop(next(iter(_models)))
+    _models[id(sc)] = (sc, model)
+    return model
+
+
+def new_model(sc: Scenario):
+    """A fresh, uncached build of the scenario's model, with the layer registries its layers registered in.
+
+    Layers register themselves in the config's static forward context (a name may register once); the meta
+    model gets registries of its own so the scenario's config stays as vLLM resolved it. Returns (model,
+    {registry name: registry})."""
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    # Layers register themselves in the config's static forward context (a name may register once);
-    # the meta model gets registries of its own so the scenario's config stays as vLLM resolved it.
     cc = sc.vllm_config.compilation_config
     registries = [n for n in ("static_forward_context", "static_all_moe_layers") if hasattr(cc, n)]
     saved = {n: getattr(cc, n) for n in registries}
@@ -91,13 +102,11 @@ def build_model(sc: Scenario):
     try:
         with rank0(sc):
             model = initialize_model(vllm_config=sc.vllm_config)
+        own = {n: getattr(cc, n) for n in registries}
     finally:
         for n in registries:
             setattr(cc, n, saved[n])
-    if len(_models) >= _MAX_MODELS:
-        _models.pop(next(iter(_models)))
-    _models[id(sc)] = (sc, model)
-    return model
+    return model, own
 
 
 def moe_layers(sc: Scenario) -> list[tuple[str, object]]:

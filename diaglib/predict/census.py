@@ -1,0 +1,647 @@
+"""The kernel census: one forward pass of vLLM's own model for a step of N tokens, every op it runs recorded.
+
+The model is the one vLLM builds for TP rank 0 (diaglib.predict.layers), built privately on the meta device and
+put through vLLM's own ``process_weights_after_loading``; its forward runs eagerly (no Dynamo frame) under vLLM's
+forward context, with the attention metadata the backend's own builder makes for the step, and under two modes
+of the census's own (the only fakes here, both documented in :class:`_ToMeta` and :class:`_Recorder`):
+
+- ``_ToMeta`` (a TorchFunctionMode): every tensor vLLM creates on the GPU (``device="cuda"``, ``.cuda()``,
+  ``.to("cuda")``, pinned host memory) is created on the meta device instead; nothing is allocated.
+- ``_Recorder`` (a TorchDispatchMode): records every op with its tensors (shape, dtype, strides, storage
+  offset, element count, largest element offset). vLLM's Python custom ops (``vllm::*``) run their real
+  implementation so that the kernels inside them are recorded too (on failure: their registered fake, and the
+  census says so); ops with a meta or fake implementation run it; vLLM's C++ kernels without one either write
+  into out-arguments (passed through: shapes are preserved) or are shaped by :data:`_NO_META` (each entry cites
+  the kernel source it follows); ``.item()`` on a meta tensor answers 1 and is noted; Triton launches are
+  recorded with their grid and not launched; device housekeeping (``empty_cache``, ``synchronize``) does
+  nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import itertools
+import math
+import re
+import time
+import traceback
+
+import pandas as pd
+
+from .. import compat
+from ..errors import DiagError
+from ..scenario import Scenario
+from . import layers
+
+INT32_MAX = 2**31 - 1
+GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA grid x, y, z
+
+
+# --- steps -------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One scheduled step: per request, the tokens it brings (query) and the tokens already in its KV cache."""
+
+    kind: str  # prefill, decode, mixed, profile
+    query: tuple[int, ...]
+    context: tuple[int, ...]
+    sampler: bool = True  # run the logits and the sampler on the last token of each request
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.query)
+
+    @property
+    def reqs(self) -> int:
+        return len(self.query)
+
+    def label(self) -> str:
+        return f"{self.kind} {self.tokens} tokens / {self.reqs} req"
+
+
+def _positive(name: str, n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise DiagError(f"{name} must be a positive whole number, not {n!r}")
+    return n
+
+
+def prefill(tokens: int, reqs: int = 1, context: int = 0) -> Step:
+    """A prefill step: ``reqs`` requests share ``tokens`` new tokens (evenly, the rest to the last)."""
+    _positive("--tokens", tokens), _positive("--reqs", reqs)
+    if reqs > tokens:
+        raise DiagError(f"{reqs} requests cannot share {tokens} tokens (one token each at least)")
+    q = [tokens // reqs] * reqs
+    q[-1] += tokens % reqs
+    return Step("prefill", tuple(q), (context,) * reqs)
+
+
+def decode(reqs: int, context: int = 1024) -> Step:
+    """A decode batch: ``reqs`` requests, one new token each, ``context`` tokens already cached each."""
+    _positive("--reqs", reqs)
+    return Step("decode", (1,) * reqs, (context,) * reqs)
+
+
+def mixed(tokens: int, reqs: int, context: int = 1024) -> Step:
+    """``reqs - 1`` decodes and one prefill chunk taking the rest of ``tokens``."""
+    _positive("--tokens", tokens), _positive("--reqs", reqs)
+    if reqs < 2 or tokens < reqs:
+        raise DiagError(f"a mixed step needs at least 2 requests and as many tokens (got {tokens} / {reqs})")
+    return Step("mixed", (1,) * (reqs - 1) + (tokens - reqs + 1,), (context,) * (reqs - 1) + (0,))
+
+
+def profile(sc: Scenario, tokens: int | None = None) -> Step:
+    """vLLM's profile (dummy) run: max_num_batched_tokens over its dummy requests, then the sampler warm-up."""
+    n = tokens or sc.vllm_config.scheduler_config.max_num_batched_tokens
+    q = compat.dummy_batch(sc.vllm_config, n)
+    return Step("profile", tuple(q), (0,) * len(q))
+
+
+def _check_step(sc: Scenario, step: Step) -> None:
+    mml = sc.vllm_config.model_config.max_model_len
+    if any(q + c > mml for q, c in zip(step.query, step.context)):
+        raise DiagError(f"a request of this step holds more than max_model_len = {mml} tokens")
+    if step.reqs > sc.vllm_config.scheduler_config.max_num_seqs and step.kind != "profile":
+        raise DiagError(f"{step.reqs} requests exceed max_num_seqs = {sc.vllm_config.scheduler_config.max_num_seqs}")
+
+
+# --- the census's own modes --------------------------------------------------------------------------------
+
+def _is_gpu(d) -> bool:
+    import torch
+
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    return isinstance(d, str) and d.startswith("cuda")
+
+
+def _to_meta_mode():
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    meta = torch.device("meta")
+
+    class _ToMeta(TorchFunctionMode):
+        """Tensors vLLM creates on the GPU are created on the meta device; pinned host memory is plain."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if "device" in kwargs and (_is_gpu(kwargs["device"]) or isinstance(kwargs["device"], int)):
+                kwargs = {**kwargs, "device": meta}
+            if kwargs.get("pin_memory"):
+                kwargs = {**kwargs, "pin_memory": False}
+            name = getattr(func, "__name__", "")
+            if name == "cuda":
+                return args[0].to(meta)
+            if name == "pin_memory":
+                return args[0]
+            if name == "to" and any(_is_gpu(a) for a in args[1:]):
+                args = tuple(meta if _is_gpu(a) else a for a in args)
+            return func(*args, **kwargs)
+
+    return _ToMeta()
+
+
+# C++ kernels vLLM registers without a meta or fake implementation that return new tensors: their outputs'
+# shapes, read from the kernel sources named (vllm-project/vllm unless said otherwise).
+def _grouped_topk(scores, n_group, topk_group, topk, renormalize, routed_scaling_factor, bias, *rest):
+    import torch  # csrc/moe/grouped_topk_kernels.cu: topk_values float32 and topk_indices int32, [tokens, topk]
+
+    n = scores.shape[0]
+    return (torch.empty(n, topk, dtype=torch.float32, device=scores.device),
+            torch.empty(n, topk, dtype=torch.int32, device=scores.device))
+
+
+def _fa3_scheduler_metadata(*args, **kwargs):
+    import torch  # vllm-project/flash-attention hopper/flash_api.cpp mha_fwd_get_scheduler_metadata: int32,
+    # round_up(batch, 4) x (at most 4 prepare vectors) + 1 semaphore (vLLM's flash_attn.py sizes it so too)
+
+    batch = args[0] if args else kwargs["batch_size"]
+    dev = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), torch.device("meta"))
+    return torch.empty(1 + -(-batch // 4) * 4 * 4, dtype=torch.int32, device=dev)
+
+
+def _fa3_fwd(q, k, v, *args, **kwargs):
+    import torch  # vllm-project/flash-attention hopper/flash_api.cpp mha_fwd: returns {out, softmax_lse,
+    # out_accum, softmax_lse_accum}; varlen q: lse float32 [heads, total_q]; accumulators only with num_splits > 1
+
+    names = [a.name for a in torch.ops._vllm_fa3_C.fwd.default._schema.arguments][3:]
+    kw = {**dict(zip(names, args)), **kwargs}
+    out = kw.get("out")
+    total, heads = q.shape[0], q.shape[-2]
+    head_v = v.shape[-1]
+    if out is None:
+        out = torch.empty(total, heads, head_v, dtype=q.dtype, device=q.device)
+    splits = kw.get("num_splits") or 1
+    f32 = {"dtype": torch.float32, "device": q.device}
+    acc = (torch.empty(splits, heads, total, head_v, **f32), torch.empty(splits, heads, total, **f32)) \
+        if splits > 1 else (torch.empty(0, **f32), torch.empty(0, **f32))
+    return [out, torch.empty(heads, total, **f32), *acc]
+
+
+_NO_META = {"_moe_C::grouped_topk": _grouped_topk, "_vllm_fa3_C::fwd": _fa3_fwd,
+            "_vllm_fa3_C::get_scheduler_metadata": _fa3_scheduler_metadata}
+
+_VIEW_OR_ALLOC = re.compile(r"^aten::(empty|empty_strided|new_empty|new_empty_strided|_local_scalar_dense|"
+                            r"lift_fresh|resize_|set_|sym_|_unsafe_view|detach_|item)")
+
+
+class _Op:
+    """One recorded op: where it ran, its name, its tensors (role, info) in and out, what ran it."""
+
+    __slots__ = ("seq", "phase", "module", "parent", "depth", "op", "tensors", "scalars", "kind", "note", "grid")
+
+    def __init__(self, state, op, kind):
+        self.seq, self.phase, self.module, self.op, self.kind = len(state.ops), state.phase, state.module(), op, kind
+        self.parent, self.depth = (state.parents[-1] if state.parents else None), len(state.parents)
+        self.tensors, self.scalars, self.note, self.grid = [], {}, "", None
+
+
+def _info(t) -> tuple:
+    """(shape, stride, storage_offset, dtype, device, numel, max_offset) of one tensor."""
+    import torch
+
+    shape, stride = tuple(t.shape), tuple(t.stride()) if t.layout == torch.strided else ()
+    off = t.storage_offset() if stride else 0
+    numel = math.prod(shape)
+    top = off + sum((s - 1) * st for s, st in zip(shape, stride)) if numel else -1
+    return shape, stride, off, str(t.dtype).removeprefix("torch."), t.device.type, numel, top
+
+
+def _walk(value, role, out):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        out.append((role, value))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if isinstance(v, torch.Tensor):
+                out.append((f"{role}[{i}]", v))
+
+
+def _recorder_mode(state):
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    cuda = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+    class _Recorder(TorchDispatchMode):
+        """Records every op; runs vLLM's Python custom ops for real so their inner kernels are recorded."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.name()
+            ns = name.split("::", 1)[0]
+            container = ns == "vllm" and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+            kind = "vllm op" if container else ("aten" if ns == "aten" else "custom")
+            if kind == "aten" and (_VIEW_OR_ALLOC.match(name) or _is_view(func)):
+                kind = "view" if not name.startswith("aten::empty") and "new_empty" not in name else "alloc"
+            rec = _Op(state, name, kind)
+            state.ops.append(rec)
+            schema = func._schema
+            for i, a in enumerate(schema.arguments):
+                v = args[i] if i < len(args) else kwargs.get(a.name)
+                _walk(v, a.name, rec.tensors)
+                if isinstance(v, (int, float, bool)) and not isinstance(v, torch.Tensor):
+                    rec.scalars[a.name] = v
+            if container:
+                state.parents.append(name)
+                mark = len(state.ops)
+                try:  # torch-function modes are off inside a dispatch handler: the device redirect goes back on
+                    with _to_meta_mode(), self:
+                        out = func._handle.redispatch_boxed(cuda, *args, **kwargs)
+                except Exception as e:  # the real implementation cannot run here: its fake stands in
+                    rec.note = f"inner kernels not traced ({_why(e)})"
+                    state.tracebacks.append(traceback.format_exc())
+                    del state.ops[mark:]
+                    out = func(*args, **kwargs)
+                finally:
+                    state.parents.pop()
+            else:
+                try:
+                    out = func(*args, **kwargs)
+                except NotImplementedError:
+                    if name in _NO_META:
+                        out = _NO_META[name](*args, **kwargs)
+                        rec.note = "outputs shaped by the census (_NO_META)"
+                    else:
+                        out = _mutated(func, args, kwargs)
+                except RuntimeError as e:
+                    if name not in ("aten::_local_scalar_dense", "aten::item"):
+                        raise
+                    out = 1.0 if args[0].dtype.is_floating_point else 1
+                    rec.note = "value of a meta tensor: 1 stands in"
+                    state.stand_ins.append(rec)
+            n_in = len(rec.tensors)
+            _walk(out, "out", rec.tensors)
+            rec.scalars["_n_in"] = n_in
+            return out
+
+    return _Recorder()
+
+
+@functools.cache
+def _is_view_schema(schema_str: str) -> bool:
+    return "Tensor(a)" in schema_str.split("->", 1)[-1] and "Tensor(a!)" not in schema_str
+
+
+def _is_view(func) -> bool:
+    return _is_view_schema(str(func._schema))
+
+
+def _mutated(func, args, kwargs):
+    """Outputs of a kernel without a meta implementation that writes only into its out-arguments."""
+    schema = func._schema
+    rets = schema.returns
+    if any(r.alias_info is None for r in rets):
+        raise DiagError(f"{func.name()} has no meta implementation and returns new tensors: the census cannot "
+                        "shape its outputs (add it to census._NO_META with the kernel source it follows)")
+    vals = []
+    for r in rets:
+        for i, a in enumerate(schema.arguments):
+            if a.alias_info is not None and a.alias_info.before_set == r.alias_info.before_set:
+                vals.append(args[i] if i < len(args) else kwargs[a.name])
+    if not rets:
+        return None
+    return vals[0] if len(vals) == 1 else tuple(vals)
+
+
+class _State:
+    """What the modes and module hooks share during one recorded pass."""
+
+    def __init__(self):
+        self.ops: list[_Op] = []
+        self.parents: list[str] = []
+        self.stack: list[str] = []
+        self.names: dict[int, str] = {}
+        self.stand_ins: list[_Op] = []
+        self.tracebacks: list[str] = []  # of what stopped or stood in (for diagnosing the census itself)
+        self.launches: list[dict] = []
+        self.outputs: list[tuple] = []
+        self.phase = "setup"
+
+    def module(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+
+@contextlib.contextmanager
+def _module_hooks(state: _State, model):
+    """Global forward hooks that keep the name of the innermost running module and every module's outputs."""
+    import torch
+    from torch.nn.modules import module as M
+
+    state.names = {id(m): n for n, m in model.named_modules()}
+
+    def pre(mod, args):
+        state.stack.append(state.names.get(id(mod), state.module() + "/" + type(mod).__name__))
+
+    def post(mod, args, out):
+        name = state.stack.pop() if state.stack else ""
+        tensors = []
+        _walk(out if not isinstance(out, torch.Tensor) else [out], "out", tensors)
+        state.outputs.append((name, type(mod).__name__, [tuple(t.shape) for _, t in tensors]))
+
+    h1, h2 = M.register_module_forward_pre_hook(pre), M.register_module_forward_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove(), h2.remove()
+
+
+_DEVICE_CALLS = ("accelerator.empty_cache", "accelerator.synchronize", "cuda.empty_cache", "cuda.synchronize")
+
+
+@contextlib.contextmanager
+def _no_device_calls():
+    """Device memory and stream housekeeping (empty_cache, synchronize) does nothing: no device exists."""
+    import torch
+
+    saved = []
+    for path in _DEVICE_CALLS:
+        mod_name, fn = path.split(".")
+        mod = getattr(torch, mod_name, None)
+        if mod is not None and hasattr(mod, fn):
+            saved.append((mod, fn, getattr(mod, fn)))
+            setattr(mod, fn, lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        for mod, fn, real in saved:
+            setattr(mod, fn, real)
+
+
+@contextlib.contextmanager
+def _triton_launches(state: _State):
+    """Triton kernels are not launched: each launch records its kernel name and grid (the launcher's own)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        yield
+        return
+    real = JITFunction.run
+
+    def run(self, *args, grid, warmup=False, **kwargs):
+        meta = {**dict(zip(self.arg_names, args)), **kwargs}
+        g = grid(meta) if callable(grid) else grid
+        g = tuple(int(x) for x in (tuple(g) + (1, 1, 1))[:3])
+        rec = _Op(state, f"triton::{self.fn.__name__}", "triton")
+        import torch
+
+        for k, v in meta.items():
+            if isinstance(v, torch.Tensor):
+                rec.tensors.append((k, v))
+            elif isinstance(v, (int, float, bool)):
+                rec.scalars[k] = v
+        rec.scalars["_n_in"] = len(rec.tensors)
+        rec.grid = g
+        state.ops.append(rec)
+        return None
+
+    JITFunction.run = run
+    try:
+        yield
+    finally:
+        JITFunction.run = real
+
+
+# --- the census's model and one recorded pass ----------------------------------------------------------
+
+@dataclasses.dataclass
+class _Prepared:
+    """The census's private model for one scenario: weights processed, KV caches bound, metadata builders."""
+
+    sc: Scenario
+    model: object
+    cfg: object  # a private copy of the VllmConfig whose layer registries are the model's
+    registry: dict
+    groups: list  # (backend, kv spec, [layer names], builder or None)
+    num_blocks: int
+    block_tables: dict  # block size -> vLLM BlockTable
+    notes: list
+    stand_ins: int
+
+
+_prepared: dict[int, _Prepared] = {}
+_passes: dict[tuple, "Pass"] = {}
+_MAX_PASSES = 64
+
+
+@contextlib.contextmanager
+def _env(sc: Scenario, cfg, state: _State, model=None):
+    """Rank 0 of the scenario, the private config current, GPU tensors on meta, every op recorded."""
+    from vllm.config import set_current_vllm_config
+
+    hooks = _module_hooks(state, model) if model is not None else contextlib.nullcontext()
+    with layers.rank0(sc), set_current_vllm_config(cfg), _no_device_calls(), _to_meta_mode(), \
+            _triton_launches(state), hooks, _recorder_mode(state):
+        yield
+
+
+def _private_config(sc: Scenario, registries: dict):
+    cfg = copy.copy(sc.vllm_config)
+    cfg.compilation_config = copy.copy(sc.vllm_config.compilation_config)
+    for name, reg in registries.items():
+        setattr(cfg.compilation_config, name, reg)
+    return cfg
+
+
+def _kv_blocks(sc: Scenario) -> int:
+    """KV-cache blocks per rank by vLLM's KV sizing of the memory the budget leaves (predict.memory)."""
+    from . import memory
+
+    b = memory.budget(sc).set_index("item")
+    kv = int(b.loc["KV cache", "bytes"])
+    if kv <= 0:
+        return 1
+    return compat.kv_cache_config(compat.private_config(sc.vllm_config), kv)[0].num_blocks
+
+
+def prepare(sc: Scenario) -> _Prepared:
+    """The census's model for this scenario (cached): built on meta, weights processed as vLLM's loader does,
+    KV caches of vLLM's block count bound to every attention layer, one metadata builder per attention group."""
+    hit = _prepared.get(id(sc))
+    if hit is not None and hit.sc is sc:
+        return hit
+    import torch
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    model, registries = layers.new_model(sc)
+    cfg = _private_config(sc, registries)
+    state = _State()
+    notes = []
+    with _env(sc, cfg, state):
+        process_weights_after_loading(model, cfg.model_config, torch.device("meta"))
+    if state.stand_ins:
+        notes.append(f"process_weights_after_loading read {len(state.stand_ins)} values of meta tensors "
+                     "(weight scales); 1 stood in for each")
+    registry = registries.get("static_forward_context", {})
+    num_blocks = _kv_blocks(sc)
+    groups: dict = {}
+    for name, layer in compat.attention_layers(registry).items():
+        with _env(sc, cfg, _State()):
+            spec = compat.layer_kv_spec(layer, cfg)
+            if spec is None:
+                continue
+            backend = compat.layer_backend(layer)
+            compat.bind_kv_cache(layer, compat.kv_cache_tensor(backend, spec, num_blocks,
+                                                               cfg.cache_config.cache_dtype))
+        groups.setdefault((backend, spec), []).append(name)
+    built, tables = [], {}
+    for (backend, spec), names in groups.items():
+        builder = None
+        with _env(sc, cfg, _State()):
+            try:
+                builder = compat.metadata_builder(backend, spec, names, cfg, torch.device("cuda"))
+            except Exception as e:  # noqa: BLE001 - the census says where it stops
+                notes.append(f"{backend.get_name()}: metadata builder not built here ({_why(e)}); attention runs "
+                             "with the shapes its fake implementation sees")
+            if spec.block_size not in tables:
+                tables[spec.block_size] = compat.block_table(cfg, spec.block_size)
+        built.append((backend, spec, names, builder))
+    p = _Prepared(sc, model, cfg, registry, built, num_blocks, tables, notes, len(state.stand_ins))
+    _prepared[id(sc)] = p
+    return p
+
+
+def _why(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+@dataclasses.dataclass
+class Pass:
+    """One recorded forward pass (and sampler) for a step."""
+
+    step: Step
+    padded: int
+    cudagraph: str
+    ops: list
+    outputs: list  # (module, class, [output shapes]) in the order the modules returned
+    notes: list
+    stopped: str | None  # where the pass stopped, in one line (None: it ran to the end)
+    seconds: float
+    tracebacks: list
+
+
+def _runner_inputs(p: _Prepared):
+    """The model runner's persistent device buffers a forward reads slices of (derived: GPUModelRunner.__init__
+    sizes input_ids, positions by max_num_batched_tokens; query_start_loc, seq_lens by max_num_seqs)."""
+    import torch
+
+    sch = p.cfg.scheduler_config
+    t, r = sch.max_num_batched_tokens, sch.max_num_seqs
+    return {"input_ids": torch.empty(t, dtype=torch.int32, device="meta"),
+            "positions": torch.empty(t, dtype=torch.int64, device="meta"),
+            "query_start_loc": torch.empty(r + 1, dtype=torch.int32, device="meta"),
+            "seq_lens": torch.empty(r, dtype=torch.int32, device="meta")}
+
+
+def _rows(buf, n: int):
+    """buf[:n], or a fresh tensor of n rows where the step is larger than vLLM sized the buffer for."""
+    import torch
+
+    if n <= buf.shape[0]:
+        return buf[:n]
+    return torch.empty((n, *buf.shape[1:]), dtype=buf.dtype, device="cuda")
+
+
+def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list):
+    """Per-layer attention metadata and slot mappings for the step, from each backend's own builder."""
+    import torch
+
+    if step.kind == "profile" and not compat.profile_runs_attention():
+        md = None
+    else:
+        md = {}
+    slots = {}
+    cpu = torch.device("cpu")
+    q = torch.tensor([0, *itertools.accumulate(step.query)], dtype=torch.int32, device=cpu)
+    seq = torch.tensor([a + b for a, b in zip(step.query, step.context)], dtype=torch.int32, device=cpu)
+    done = torch.tensor(step.context, dtype=torch.int32, device=cpu)
+    prefilling = torch.tensor([step.kind == "prefill" or n > 1 for n in step.query], device=cpu)
+    for backend, spec, names, builder in p.groups:
+        bt = p.block_tables[spec.block_size]
+        slot = _rows(compat.device_view(bt.slot_mapping), padded)
+        for n in names:
+            slots[n] = slot
+        if md is None or builder is None:
+            continue
+        common = compat.common_metadata(
+            query_start_loc=_rows(inputs["query_start_loc"], step.reqs + 1), query_start_loc_cpu=q,
+            seq_lens=_rows(inputs["seq_lens"], step.reqs), seq_lens_cpu=seq, _seq_lens_cpu=seq,
+            num_computed_tokens_cpu=done, _num_computed_tokens_cpu=done, seq_lens_cpu_upper_bound=seq,
+            num_reqs=step.reqs, num_actual_tokens=padded, max_query_len=max(step.query),
+            max_seq_len=int(seq.max()), block_table_tensor=_rows(compat.device_view(bt.block_table), step.reqs),
+            slot_mapping=slot, causal=True, is_prefilling=prefilling,
+            positions=_rows(inputs["positions"], padded))
+        try:
+            built = compat.build_metadata(builder, common)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"{backend.get_name()}: metadata not built for this step ({_why(e)}); attention runs with "
+                         "the shapes its fake implementation sees")
+            continue
+        for n in names:
+            md[n] = built
+    return md, slots
+
+
+def _dispatched(sc: Scenario, step: Step):
+    """(padded tokens, CUDA-graph mode name, vLLM's mode, batch descriptor) the runner uses for this step."""
+    from vllm.config import CUDAGraphMode
+
+    mnbt = sc.vllm_config.scheduler_config.max_num_batched_tokens
+    if step.kind == "profile" or step.tokens > mnbt:  # the profile run forces eager; beyond the budget: no graph
+        return step.tokens, "NONE", CUDAGraphMode.NONE, None
+    from . import dispatch as D
+
+    d = D.dispatch(sc, step.tokens, num_reqs=step.reqs, max_query_len=max(step.query))
+    disp, _ = D.dispatcher(sc)
+    padded, mode, _, desc = compat.dispatch_batch(disp, sc.vllm_config, step.tokens, step.reqs, max(step.query))
+    return d["padded_tokens"], d["cudagraph_mode"], mode, desc
+
+
+def record(sc: Scenario, step: Step) -> Pass:
+    """One forward pass of the scenario's model for ``step``, every op recorded (cached per scenario and step)."""
+    key = (id(sc), step)
+    hit = _passes.get(key)
+    if hit is not None and _prepared.get(id(sc)) is not None and _prepared[id(sc)].sc is sc:
+        return hit
+    import torch
+
+    p = prepare(sc)
+    t0 = time.perf_counter()
+    padded, mode_name, mode, desc = _dispatched(sc, step)
+    state, notes, stopped = _State(), list(p.notes), None
+    try:
+        with torch.inference_mode(), _env(sc, p.cfg, state, p.model), compat.eager(p.model), compat.workspace():
+            inputs = _runner_inputs(p)
+            md, slots = _attention(p, step, padded, inputs, notes)
+            state.phase = "model"
+            with compat.forward_context(p.cfg, md, padded, mode, desc, slots):
+                hidden = p.model(input_ids=_rows(inputs["input_ids"], padded),
+                                 positions=_rows(inputs["positions"], padded))
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            if step.sampler:
+                state.phase = "logits"
+                idx = torch.empty(step.reqs, dtype=torch.int64, device="meta")
+                logits = compat.compute_logits(p.model, hidden[idx])
+                state.phase = "sampler"
+                meta = compat.dummy_sampling_metadata(step.reqs, logits.shape[-1], torch.device("cuda"))
+                compat.sampler(p.cfg)(logits=logits, sampling_metadata=meta)
+    except DiagError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the census says where it stopped, in one line
+        where = state.module() or state.phase
+        stopped = f"stopped in {where} ({state.phase}) after {len(state.ops)} ops: {_why(e)}"
+        state.tracebacks.append(traceback.format_exc())
+    if state.stand_ins:
+        notes.append(f"{len(state.stand_ins)} values of meta tensors read during the pass; 1 stood in for each")
+    out = Pass(step, padded, mode_name, state.ops, state.outputs, notes, stopped, time.perf_counter() - t0,
+               state.tracebacks)
+    if len(_passes) >= _MAX_PASSES:
+        _passes.pop(next(iter(_passes)))
+    _passes[key] = out
+    return out
