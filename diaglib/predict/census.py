@@ -14,7 +14,8 @@ of the census's own (the only fakes here, both documented in :class:`_ToMeta` an
   into out-arguments (passed through: shapes are preserved) or are shaped by :data:`_NO_META` (each entry cites
   the kernel source it follows); ``.item()`` on a meta tensor answers 1 and is noted; Triton launches are
   recorded with their grid and not launched; device housekeeping (``empty_cache``, ``synchronize``) does
-  nothing.
+  nothing; collectives of the stand-in parallel groups are recorded (``collective::*``) with the tensor they
+  yield on rank 0, and not run (:class:`_Collectives`).
 """
 from __future__ import annotations
 
@@ -191,11 +192,13 @@ _VIEW_OR_ALLOC = re.compile(r"^aten::(empty|empty_strided|new_empty|new_empty_st
 class _Op:
     """One recorded op: where it ran, its name, its tensors (role, info) in and out, what ran it."""
 
-    __slots__ = ("seq", "phase", "module", "parent", "depth", "op", "tensors", "scalars", "kind", "note", "grid")
+    __slots__ = ("seq", "phase", "module", "parent", "root", "depth", "op", "tensors", "scalars", "kind", "note",
+                 "grid")
 
     def __init__(self, state, op, kind):
         self.seq, self.phase, self.module, self.op, self.kind = len(state.ops), state.phase, state.module(), op, kind
         self.parent, self.depth = (state.parents[-1] if state.parents else None), len(state.parents)
+        self.root = state.parents[0] if state.parents else None
         self.tensors, self.scalars, self.note, self.grid = [], {}, "", None
 
 
@@ -315,7 +318,6 @@ class _State:
         self.ops: list[_Op] = []
         self.parents: list[str] = []
         self.stack: list[str] = []
-        self.names: dict[int, str] = {}
         self.stand_ins: list[_Op] = []
         self.tracebacks: list[str] = []  # of what stopped or stood in (for diagnosing the census itself)
         self.launches: list[dict] = []
@@ -328,14 +330,24 @@ class _State:
 
 @contextlib.contextmanager
 def _module_hooks(state: _State, model):
-    """Global forward hooks that keep the name of the innermost running module and every module's outputs."""
+    """Global forward hooks that keep the name of the innermost running module and every module's outputs.
+
+    A module shared by several layers (vLLM caches rotary embeddings) is named under the module calling it."""
     import torch
     from torch.nn.modules import module as M
 
-    state.names = {id(m): n for n, m in model.named_modules()}
+    aliases: dict = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
 
     def pre(mod, args):
-        state.stack.append(state.names.get(id(mod), state.module() + "/" + type(mod).__name__))
+        names = aliases.get(id(mod))
+        outer = state.module()
+        if names is None:
+            name = f"{outer}/{type(mod).__name__}"
+        else:
+            name = next((n for n in names if outer and n.startswith(outer + ".")), names[0])
+        state.stack.append(name)
 
     def post(mod, args, out):
         name = state.stack.pop() if state.stack else ""
@@ -421,29 +433,75 @@ class _Prepared:
     block_tables: dict  # block size -> vLLM BlockTable
     notes: list
     stand_ins: int
+    reps: dict  # decoder layer index -> the built layer it repeats (every layer of the scenario's model)
+    state_storages: dict  # storage id -> "weight" / "kv cache"
 
 
 _prepared: dict[int, _Prepared] = {}
 _passes: dict[tuple, "Pass"] = {}
 _MAX_PASSES = 64
+_NAMING = re.compile(r"(^|_)(layer|layers|idx|id|index|name|prefix)(_|$)")
 
 
-@contextlib.contextmanager
-def _env(sc: Scenario, cfg, state: _State, model=None):
-    """Rank 0 of the scenario, the private config current, GPU tensors on meta, every op recorded."""
-    from vllm.config import set_current_vllm_config
+def _decoder_layers(model, num_layers: int):
+    """The ModuleList of the model's decoder layers (the one holding num_hidden_layers modules), or None."""
+    import torch
 
-    hooks = _module_hooks(state, model) if model is not None else contextlib.nullcontext()
-    with layers.rank0(sc), set_current_vllm_config(cfg), _no_device_calls(), _to_meta_mode(), \
-            _triton_launches(state), hooks, _recorder_mode(state):
-        yield
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == num_layers and name.endswith("layers"):
+            return name, m
+    return None, None
 
 
-def _private_config(sc: Scenario, registries: dict):
+def _signature(layer) -> tuple:
+    """What makes two decoder layers run the same ops: every submodule's class, parameters (shape, dtype),
+    quantization method and plain settings (names and layer indices left out)."""
+    import torch
+
+    sig = []
+    for name, m in layer.named_modules():
+        attrs = tuple(sorted((k, v) for k, v in vars(m).items() if not k.startswith("_") and not _NAMING.search(k)
+                             and isinstance(v, (bool, int, float)) and not isinstance(v, torch.Tensor)))
+        params = tuple((n, tuple(t.shape), str(t.dtype)) for n, t in m.named_parameters(recurse=False))
+        qm = getattr(m, "quant_method", None)
+        sig.append((name, type(m).__name__, type(qm).__name__ if qm is not None else None, params, attrs))
+    return tuple(sig)
+
+
+def _layer_plan(sc: Scenario):
+    """(layers to build, {layer index: representative index}) from the scenario's full meta model: the build
+    stops after the last layer that is the first of its kind; every later layer repeats an earlier one."""
+    text = sc.vllm_config.model_config.hf_text_config
+    total = getattr(text, "num_hidden_layers", None)
+    if not total or sc.vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return None, {}
+    _, mlist = _decoder_layers(layers.build_model(sc), total)
+    if mlist is None:
+        return None, {}
+    first: dict = {}
+    reps = {}
+    for i, layer in enumerate(mlist):
+        reps[i] = first.setdefault(_signature(layer), i)
+    k = max(first.values()) + 1
+    return (k if k < total else None), reps
+
+
+def _private_config(sc: Scenario, num_layers: int | None):
+    """A copy of the scenario's config for the census's model: its own compilation config (layer registries)
+    and, where the build stops early, its own model config with num_hidden_layers = num_layers."""
     cfg = copy.copy(sc.vllm_config)
     cfg.compilation_config = copy.copy(sc.vllm_config.compilation_config)
-    for name, reg in registries.items():
-        setattr(cfg.compilation_config, name, reg)
+    for name in ("static_forward_context", "static_all_moe_layers"):
+        if hasattr(cfg.compilation_config, name):
+            setattr(cfg.compilation_config, name, type(getattr(cfg.compilation_config, name))())
+    if num_layers:
+        mc = copy.copy(sc.vllm_config.model_config)
+        hf = copy.deepcopy(mc.hf_config)
+        text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        text.num_hidden_layers = num_layers
+        object.__setattr__(mc, "hf_config", hf)
+        object.__setattr__(mc, "hf_text_config", text)
+        cfg.model_config = mc
     return cfg
 
 
@@ -459,16 +517,20 @@ def _kv_blocks(sc: Scenario) -> int:
 
 
 def prepare(sc: Scenario) -> _Prepared:
-    """The census's model for this scenario (cached): built on meta, weights processed as vLLM's loader does,
-    KV caches of vLLM's block count bound to every attention layer, one metadata builder per attention group."""
+    """The census's model for this scenario (cached): built on meta up to the last layer that is the first of its
+    kind, weights processed as vLLM's loader does, KV caches of vLLM's block count bound to every attention
+    layer, one metadata builder per attention group."""
     hit = _prepared.get(id(sc))
     if hit is not None and hit.sc is sc:
         return hit
     import torch
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    model, registries = layers.new_model(sc)
-    cfg = _private_config(sc, registries)
+    build, reps = _layer_plan(sc)
+    cfg = _private_config(sc, build)
+    model, registries = layers.new_model(sc, cfg)
+    for name, reg in registries.items():
+        setattr(cfg.compilation_config, name, reg)
     state = _State()
     notes = []
     with _env(sc, cfg, state):
@@ -478,6 +540,7 @@ def prepare(sc: Scenario) -> _Prepared:
                      "(weight scales); 1 stood in for each")
     registry = registries.get("static_forward_context", {})
     num_blocks = _kv_blocks(sc)
+    storages = {t.untyped_storage()._cdata: "weight" for t in (*model.parameters(), *model.buffers())}
     groups: dict = {}
     for name, layer in compat.attention_layers(registry).items():
         with _env(sc, cfg, _State()):
@@ -485,8 +548,9 @@ def prepare(sc: Scenario) -> _Prepared:
             if spec is None:
                 continue
             backend = compat.layer_backend(layer)
-            compat.bind_kv_cache(layer, compat.kv_cache_tensor(backend, spec, num_blocks,
-                                                               cfg.cache_config.cache_dtype))
+            kv = compat.kv_cache_tensor(backend, spec, num_blocks, cfg.cache_config.cache_dtype)
+            compat.bind_kv_cache(layer, kv)
+        storages[kv.untyped_storage()._cdata] = "kv cache"
         groups.setdefault((backend, spec), []).append(name)
     built, tables = [], {}
     for (backend, spec), names in groups.items():
@@ -500,7 +564,10 @@ def prepare(sc: Scenario) -> _Prepared:
             if spec.block_size not in tables:
                 tables[spec.block_size] = compat.block_table(cfg, spec.block_size)
         built.append((backend, spec, names, builder))
-    p = _Prepared(sc, model, cfg, registry, built, num_blocks, tables, notes, len(state.stand_ins))
+    if build:
+        notes.append(f"layers 0..{build - 1} built and run; the other {len(reps) - build} repeat one of them "
+                     "(same modules, parameters and settings)")
+    p = _Prepared(sc, model, cfg, registry, built, num_blocks, tables, notes, len(state.stand_ins), reps, storages)
     _prepared[id(sc)] = p
     return p
 
@@ -523,6 +590,7 @@ class Pass:
     stopped: str | None  # where the pass stopped, in one line (None: it ran to the end)
     seconds: float
     tracebacks: list
+    recorded: int = 0  # ops actually run (the rest repeat a built layer's ops)
 
 
 def _runner_inputs(p: _Prepared):
@@ -602,6 +670,42 @@ def _dispatched(sc: Scenario, step: Step):
     return d["padded_tokens"], d["cudagraph_mode"], mode, desc
 
 
+def _rename(module: str, rep: int, i: int) -> str:
+    return re.sub(rf"\blayers\.{rep}(?=\.|$)", f"layers.{i}", module, count=1)
+
+
+def _renamed(rec: _Op, rep: int, i: int) -> _Op:
+    c = copy.copy(rec)
+    c.module = _rename(rec.module, rep, i)
+    return c
+
+
+def _expand(items: list, reps: dict, module_of, rename) -> list:
+    """The items of a pass over the built layers, with every later layer's items copied from the layer it
+    repeats (inserted after the last built layer's items)."""
+    built = {i for i, r in reps.items() if i == r}
+    later = [i for i in sorted(reps) if i > max(built, default=-1)]
+    if not later:
+        return items
+    by_layer: dict = {}
+    for it in items:
+        by_layer.setdefault(_layer_of(module_of(it)), []).append(it)
+    last = max(built)
+    out, inserted, seen_last = [], False, False
+    for it in items:
+        layer = _layer_of(module_of(it))
+        if seen_last and not inserted and layer != last:
+            for i in later:
+                out += [rename(x, reps[i], i) for x in by_layer.get(reps[i], [])]
+            inserted = True
+        seen_last |= layer == last
+        out.append(it)
+    if not inserted:
+        for i in later:
+            out += [rename(x, reps[i], i) for x in by_layer.get(reps[i], [])]
+    return out
+
+
 def record(sc: Scenario, step: Step) -> Pass:
     """One forward pass of the scenario's model for ``step``, every op recorded (cached per scenario and step)."""
     key = (id(sc), step)
@@ -639,9 +743,137 @@ def record(sc: Scenario, step: Step) -> Pass:
         state.tracebacks.append(traceback.format_exc())
     if state.stand_ins:
         notes.append(f"{len(state.stand_ins)} values of meta tensors read during the pass; 1 stood in for each")
-    out = Pass(step, padded, mode_name, state.ops, state.outputs, notes, stopped, time.perf_counter() - t0,
-               state.tracebacks)
+    ops_all = _expand(state.ops, p.reps, lambda r: r.module, _renamed)
+    outputs = _expand(state.outputs, p.reps, lambda o: o[0], lambda o, a, b: (_rename(o[0], a, b), *o[1:]))
+    out = Pass(step, padded, mode_name, ops_all, outputs, notes, stopped, time.perf_counter() - t0,
+               state.tracebacks, len(state.ops))
     if len(_passes) >= _MAX_PASSES:
         _passes.pop(next(iter(_passes)))
     _passes[key] = out
     return out
+
+
+# --- what runs each op: Inductor, a custom kernel, eager torch -------------------------------------------
+
+def _compile_facts(sc: Scenario) -> dict:
+    comp = compat.compilation_summary(sc.vllm_config)
+    mode = comp["compile_mode"]
+    piecewise = bool(comp["compile_ranges"]) or "PIECEWISE" in mode or mode.startswith("VLLM_COMPILE")
+    compiled = piecewise or not (mode.startswith("NONE") or mode.startswith("NO_COMPILATION"))
+    return {"compiled": compiled, "piecewise": piecewise, "inductor": comp["compile_backend"] == "inductor",
+            "splitting": set(comp["splitting_ops"]) if piecewise else set(), "mode": mode,
+            "backend": comp["compile_backend"]}
+
+
+def _runs_as(rec: _Op, facts: dict, host: bool) -> str:
+    """Who runs the op at serving time under the scenario's compilation config."""
+    if rec.kind in ("view", "alloc"):
+        return "no kernel"
+    if host:
+        return "host"
+    if rec.kind == "vllm op" and rec.root is None:
+        return "splitting op (eager)" if rec.op in facts["splitting"] else "custom op (opaque to the compiler)"
+    if rec.phase != "model" or not facts["compiled"]:
+        return "triton kernel" if rec.kind == "triton" else "custom kernel" if rec.kind == "custom" else "eager torch"
+    if rec.root is not None:
+        inside = "splitting op" if rec.root in facts["splitting"] else "custom op"
+        kernel = "triton kernel" if rec.kind == "triton" else "custom kernel" if rec.kind == "custom" else \
+            "eager torch"
+        return f"{kernel} (in {inside} {rec.root.split('::')[-1]})"
+    if rec.kind in ("custom", "triton"):
+        return "custom kernel (in the compiled graph)"
+    return "inductor" if facts["inductor"] else f"compiled graph ({facts['backend']} backend)"
+
+
+def _layer_of(module: str):
+    m = re.search(r"\blayers\.(\d+)\.", module + ".")
+    return int(m.group(1)) if m else None
+
+
+def _pattern(module: str) -> str:
+    return re.sub(r"\blayers\.\d+\.", "layers.*.", module + ".").rstrip(".")
+
+
+def _sites(p: Pass) -> list[str]:
+    """A key per op that names the same op in passes of other sizes: module, op and occurrence in the module."""
+    seen: dict = {}
+    out = []
+    for rec in p.ops:
+        k = (rec.module, rec.op, rec.phase)
+        seen[k] = seen.get(k, -1) + 1
+        out.append(f"{rec.phase}|{rec.module}|{rec.op}#{seen[k]}")
+    return out
+
+
+# Launch grids of vLLM's C++ kernels whose grid follows from their arguments: grid.x = rows of the named tensor
+# (its element count over its last dimension), read from the launch code in the csrc file named.
+GRID_TABLE = {
+    "_C::rms_norm": ("input", "csrc/layernorm_kernels.cu rms_norm: dim3 grid(num_tokens)"),
+    "_C::fused_add_rms_norm": ("input", "csrc/layernorm_kernels.cu fused_add_rms_norm: dim3 grid(num_tokens)"),
+    "_C::silu_and_mul": ("input", "csrc/activation_kernels.cu LAUNCH_ACTIVATION_GATE_KERNEL: dim3 grid(num_tokens)"),
+    "_C::gelu_and_mul": ("input", "csrc/activation_kernels.cu LAUNCH_ACTIVATION_GATE_KERNEL: dim3 grid(num_tokens)"),
+    "_C::rotary_embedding": ("positions", "csrc/pos_encoding_kernels.cu rotary_embedding: dim3 grid(num_tokens)"),
+    "_C::dynamic_per_token_scaled_fp8_quant": (
+        "input", "csrc/quantization/fp8/common.cu dynamic_per_token_scaled_fp8_quant: dim3 grid(num_tokens)"),
+    "_C_cache_ops::reshape_and_cache_flash": (
+        "slot_mapping", "csrc/cache_kernels.cu reshape_and_cache_flash: dim3 grid(num_tokens)"),
+}
+
+
+def _table_grid(rec: _Op):
+    entry = GRID_TABLE.get(rec.op)
+    if entry is None:
+        return None, None
+    role, source = entry
+    t = next((t for r, t in rec.tensors if r == role), None)
+    if t is None:
+        return None, None
+    rows = t.numel() // t.shape[-1] if t.dim() > 1 and t.shape[-1] else t.numel()
+    return (int(rows), 1, 1), source
+
+
+def ops(sc: Scenario, step: Step) -> pd.DataFrame:
+    """Every op of one recorded pass, one row each.
+
+    Columns: seq, phase, module, layer, op, kind (aten / custom / triton / vllm op / view / alloc), runs_as,
+    parent, inputs / outputs ("shape dtype" per tensor), numel and max_offset (the largest over its tensors),
+    largest (the tensor holding it), frac_int32 (max_offset / (2^31 - 1)), grid (x, y, z) and grid_source
+    (the Triton launcher, or the kernel source of GRID_TABLE), frac_grid, note, site (the key that names this op
+    in passes of other sizes)."""
+    p = record(sc, step)
+    facts = _compile_facts(sc)
+    rows = []
+    for rec, site in zip(p.ops, _sites(p)):
+        n_in = rec.scalars.get("_n_in", len(rec.tensors))
+        infos = [(r, _info(t)) for r, t in rec.tensors]
+        host = bool(infos) and all(i[4] == "cpu" for _, i in infos)
+        top = max(infos, key=lambda ri: ri[1][6], default=None)
+        grid, source = (rec.grid, "Triton launcher") if rec.grid else _table_grid(rec)
+        rows.append({
+            "seq": rec.seq, "phase": rec.phase, "module": rec.module, "layer": _layer_of(rec.module), "op": rec.op,
+            "kind": rec.kind, "runs_as": _runs_as(rec, facts, host), "parent": rec.parent,
+            "inputs": [f"{r}{list(i[0])} {i[3]}" for r, i in infos[:n_in]],
+            "outputs": [f"{r}{list(i[0])} {i[3]}" for r, i in infos[n_in:]],
+            "numel": max((i[5] for _, i in infos), default=0),
+            "max_offset": top[1][6] if top else -1, "largest": top[0] if top else None,
+            "frac_int32": (top[1][6] / INT32_MAX) if top else 0.0,
+            "grid": grid, "grid_source": source,
+            "frac_grid": max(g / lim for g, lim in zip(grid, GRID_LIMITS)) if grid else None,
+            "note": rec.note, "site": site})
+    return pd.DataFrame(rows)
+
+
+def tensors(sc: Scenario, step: Step) -> pd.DataFrame:
+    """Every tensor every op of one pass reads or writes: seq, site, phase, module, op, kind, role, io, shape,
+    stride, storage_offset, dtype, device, numel, max_offset (storage_offset + sum((size - 1) x stride))."""
+    p = record(sc, step)
+    rows = []
+    for rec, site in zip(p.ops, _sites(p)):
+        n_in = rec.scalars.get("_n_in", len(rec.tensors))
+        for i, (role, t) in enumerate(rec.tensors):
+            shape, stride, off, dtype, dev, numel, top = _info(t)
+            rows.append({"seq": rec.seq, "site": site, "phase": rec.phase, "module": rec.module, "op": rec.op,
+                         "kind": rec.kind, "role": role, "io": "in" if i < n_in else "out", "shape": shape,
+                         "stride": stride, "storage_offset": off, "dtype": dtype, "device": dev, "numel": numel,
+                         "max_offset": top})
+    return pd.DataFrame(rows)
