@@ -78,7 +78,9 @@ def custom_ops(model) -> list[dict]:
             continue
         fwd = getattr(m, "_forward_method", None)
         fn = getattr(fwd, "__func__", fwd)
-        native = fn is getattr(type(m), "forward_native", None)
+        native_fn = getattr(type(m), "forward_native", None)
+        native = fn is native_fn or getattr(fn, "__wrapped__", None) is native_fn or \
+            getattr(fn, "__name__", "") == "forward_native"  # torch.compile-wrapped native forward
         key = (type(m).__name__, native)
         if key in seen:
             continue

@@ -4,7 +4,8 @@ Three axes are scanned. ``step``: tokens in one forward step, 1..max_num_batched
 padding and mode, compile range, the MoE kernels and the Triton MoE config, the scheduler budget).
 ``prompt``: the length of one prompt, 1..max_model_len (prefill chunks, KV-block multiples,
 max_model_len). ``knob``: token counts per step beyond the budget, reachable only by raising
-max_num_batched_tokens (MoE activation chunks, int32 offsets of MoE buffers). Each row's ``feature`` can
+max_num_batched_tokens (MoE activation chunks, int32 offsets of MoE buffers, and every op of the kernel
+census: diaglib.predict.census). Each row's ``feature`` can
 be evaluated on either side with :func:`feature_value`, which asks vLLM (dispatch, MoE lookups, the
 prompt-length check) or, where marked ``derived``, applies a rule read off vLLM's code.
 Rows are ranked by distance from the operating point (max_num_batched_tokens).
@@ -16,7 +17,7 @@ import pandas as pd
 from .. import compat
 from ..errors import DiagError
 from ..scenario import Scenario
-from . import layers, moe
+from . import census, layers, moe
 from .dispatch import dispatch
 
 BLOCK_WINDOW = 2  # KV-block edges listed on each side of the operating point
@@ -49,6 +50,8 @@ def feature_value(sc: Scenario, feature: str, n: int):
     if feature == "moe_chunks":
         chunk = compat.moe_chunk_size()
         return _cdiv(n, chunk) if chunk else 1
+    if feature.startswith("census:"):
+        return census.feature_value(sc, feature, n)
     if feature.startswith("grid:"):
         return moe.grid_over_limit(sc, n)[feature[5:]]
     if feature.startswith("int32:"):
@@ -130,9 +133,9 @@ def _step_rows(sc: Scenario, op: int) -> list[dict]:
 
 
 def _knob_rows(sc: Scenario, op: int) -> list[dict]:
+    rows = census.boundary_rows(sc)
     if layers.build_moe_layer(sc) is None:
-        return []
-    rows = []
+        return rows
     chunk = compat.moe_chunk_size()
     if chunk:
         rows.append(_row("knob", chunk + 1, 1, 2, "MoE chunking",

@@ -203,14 +203,21 @@ class _Op:
 
 
 def _info(t) -> tuple:
-    """(shape, stride, storage_offset, dtype, device, numel, max_offset) of one tensor."""
+    """(shape, stride, storage_offset, dtype, device, numel, span) of one tensor: span is the largest element
+    offset from its data pointer (sum((size - 1) x stride)); its largest offset into the allocation is
+    storage_offset + span."""
     import torch
 
     shape, stride = tuple(t.shape), tuple(t.stride()) if t.layout == torch.strided else ()
     off = t.storage_offset() if stride else 0
     numel = math.prod(shape)
-    top = off + sum((s - 1) * st for s, st in zip(shape, stride)) if numel else -1
-    return shape, stride, off, str(t.dtype).removeprefix("torch."), t.device.type, numel, top
+    span = sum((s - 1) * st for s, st in zip(shape, stride)) if numel else -1
+    return shape, stride, off, str(t.dtype).removeprefix("torch."), t.device.type, numel, span
+
+
+def _index_max(info) -> int:
+    """The largest index a kernel forms into the tensor from its data pointer: max(numel - 1, span)."""
+    return max(info[5] - 1, info[6])
 
 
 def _walk(value, role, out):
@@ -591,6 +598,7 @@ class Pass:
     seconds: float
     tracebacks: list
     recorded: int = 0  # ops actually run (the rest repeat a built layer's ops)
+    base: list = dataclasses.field(default_factory=list)  # the ops actually run, in order
 
 
 def _runner_inputs(p: _Prepared):
@@ -746,7 +754,7 @@ def record(sc: Scenario, step: Step) -> Pass:
     ops_all = _expand(state.ops, p.reps, lambda r: r.module, _renamed)
     outputs = _expand(state.outputs, p.reps, lambda o: o[0], lambda o, a, b: (_rename(o[0], a, b), *o[1:]))
     out = Pass(step, padded, mode_name, ops_all, outputs, notes, stopped, time.perf_counter() - t0,
-               state.tracebacks, len(state.ops))
+               state.tracebacks, len(state.ops), state.ops)
     if len(_passes) >= _MAX_PASSES:
         _passes.pop(next(iter(_passes)))
     _passes[key] = out
@@ -836,18 +844,23 @@ def ops(sc: Scenario, step: Step) -> pd.DataFrame:
     """Every op of one recorded pass, one row each.
 
     Columns: seq, phase, module, layer, op, kind (aten / custom / triton / vllm op / view / alloc), runs_as,
-    parent, inputs / outputs ("shape dtype" per tensor), numel and max_offset (the largest over its tensors),
-    largest (the tensor holding it), frac_int32 (max_offset / (2^31 - 1)), grid (x, y, z) and grid_source
+    parent, inputs / outputs ("shape dtype" per tensor), numel and index_max (the largest over its per-step
+    tensors of max(numel - 1, span), the largest index from a data pointer), largest (the tensor holding it),
+    frac_int32 (index_max / (2^31 - 1)), state_index_max (the same over the weights and KV caches it reads,
+    which do not grow with the step), grid (x, y, z) and grid_source
     (the Triton launcher, or the kernel source of GRID_TABLE), frac_grid, note, site (the key that names this op
     in passes of other sizes)."""
     p = record(sc, step)
     facts = _compile_facts(sc)
+    state = prepare(sc).state_storages
     rows = []
     for rec, site in zip(p.ops, _sites(p)):
         n_in = rec.scalars.get("_n_in", len(rec.tensors))
         infos = [(r, _info(t)) for r, t in rec.tensors]
+        kept = [(r, i) for (r, i), (_, t) in zip(infos, rec.tensors) if t.untyped_storage()._cdata not in state]
         host = bool(infos) and all(i[4] == "cpu" for _, i in infos)
-        top = max(infos, key=lambda ri: ri[1][6], default=None)
+        top = max(kept, key=lambda ri: _index_max(ri[1]), default=None)
+        held = [_index_max(i) for (_, i), (_, t) in zip(infos, rec.tensors) if t.untyped_storage()._cdata in state]
         grid, source = (rec.grid, "Triton launcher") if rec.grid else _table_grid(rec)
         rows.append({
             "seq": rec.seq, "phase": rec.phase, "module": rec.module, "layer": _layer_of(rec.module), "op": rec.op,
@@ -855,8 +868,9 @@ def ops(sc: Scenario, step: Step) -> pd.DataFrame:
             "inputs": [f"{r}{list(i[0])} {i[3]}" for r, i in infos[:n_in]],
             "outputs": [f"{r}{list(i[0])} {i[3]}" for r, i in infos[n_in:]],
             "numel": max((i[5] for _, i in infos), default=0),
-            "max_offset": top[1][6] if top else -1, "largest": top[0] if top else None,
-            "frac_int32": (top[1][6] / INT32_MAX) if top else 0.0,
+            "index_max": _index_max(top[1]) if top else -1, "largest": top[0] if top else None,
+            "frac_int32": (_index_max(top[1]) / INT32_MAX) if top else 0.0,
+            "state_index_max": max(held, default=None),
             "grid": grid, "grid_source": source,
             "frac_grid": max(g / lim for g, lim in zip(grid, GRID_LIMITS)) if grid else None,
             "note": rec.note, "site": site})
@@ -865,15 +879,336 @@ def ops(sc: Scenario, step: Step) -> pd.DataFrame:
 
 def tensors(sc: Scenario, step: Step) -> pd.DataFrame:
     """Every tensor every op of one pass reads or writes: seq, site, phase, module, op, kind, role, io, shape,
-    stride, storage_offset, dtype, device, numel, max_offset (storage_offset + sum((size - 1) x stride))."""
+    stride, storage_offset, dtype, device, numel, span (sum((size - 1) x stride)), index_max (max(numel - 1,
+    span)), max_offset (storage_offset + span: the largest offset into its allocation), state ("weight",
+    "kv cache" or None for per-step tensors)."""
     p = record(sc, step)
+    state = prepare(sc).state_storages
     rows = []
     for rec, site in zip(p.ops, _sites(p)):
         n_in = rec.scalars.get("_n_in", len(rec.tensors))
         for i, (role, t) in enumerate(rec.tensors):
-            shape, stride, off, dtype, dev, numel, top = _info(t)
+            info = _info(t)
+            shape, stride, off, dtype, dev, numel, span = info
             rows.append({"seq": rec.seq, "site": site, "phase": rec.phase, "module": rec.module, "op": rec.op,
                          "kind": rec.kind, "role": role, "io": "in" if i < n_in else "out", "shape": shape,
                          "stride": stride, "storage_offset": off, "dtype": dtype, "device": dev, "numel": numel,
-                         "max_offset": top})
+                         "span": span, "index_max": _index_max(info), "max_offset": off + span,
+                         "state": state.get(t.untyped_storage()._cdata)})
     return pd.DataFrame(rows)
+
+
+# --- headroom against N: affine fits over a few passes ------------------------------------------------------
+
+FAMILIES = ("prefill", "decode")
+
+
+def family_step(sc: Scenario, family: str, n: int) -> Step:
+    """The step of size ``n`` in a family: ``prefill`` = one request of n tokens; ``decode`` = n requests of one
+    token each with 1024 cached; ``profile`` = vLLM's dummy run at n tokens."""
+    if family == "prefill":
+        return prefill(n)
+    if family == "decode":
+        return decode(n)
+    if family == "profile":
+        return profile(sc, n)
+    raise DiagError(f"unknown step family {family!r} (one of {', '.join(FAMILIES + ('profile',))})")
+
+
+def fit_points(sc: Scenario, family: str) -> tuple[int, int, int]:
+    """Two sizes the fits are made from and a third that verifies them. Prefill: the budget (at least 4096, above
+    CUDA-graph padding), twice and four times it (+1). Decode: requests up to max_num_seqs (vLLM's attention
+    metadata buffers hold no more), powers of two (CUDA-graph capture sizes: no padding)."""
+    sch = sc.vllm_config.scheduler_config
+    if family == "decode":
+        m = 1 << max(sch.max_num_seqs.bit_length() - 1, 2)
+        return m // 4, m // 2, m
+    b = max(sch.max_num_batched_tokens, 4096)
+    return b, 2 * b, 4 * b + 1
+
+
+HORIZON = 1 << 24  # crossings listed up to this many tokens (or requests) per step
+
+
+def _grid_of(rec: _Op):
+    return rec.grid if rec.grid else _table_grid(rec)[0]
+
+
+def _measure(p: Pass, state_storages: dict) -> dict:
+    """{(site, role): (shape, index_max, max_offset, io, dtype)} for every per-step tensor of every kernel, and
+    {(site, "grid.x|y|z"): value} for every launch with a known grid."""
+    out = {}
+    for rec, site in zip(p.base, _sites(_BasePass(p))):
+        if rec.kind in ("view", "alloc") or rec.phase == "setup":
+            continue
+        if rec.kind == "vllm op" and "not traced" not in rec.note:
+            continue
+        n_in = rec.scalars.get("_n_in", len(rec.tensors))
+        for i, (role, t) in enumerate(rec.tensors):
+            if t.device.type == "cpu" or state_storages.get(t.untyped_storage()._cdata):
+                continue
+            info = _info(t)
+            out[(site, role)] = (info[0], _index_max(info), info[2] + info[6], "in" if i < n_in else "out",
+                                 info[3])
+        g = _grid_of(rec)
+        if g:
+            for axis, v in zip("xyz", g):
+                out[(site, f"grid.{axis}")] = ((v,), v, v, "grid", "")
+    return out
+
+
+class _BasePass:
+    """A view of a pass restricted to the ops actually run (for their site keys)."""
+
+    def __init__(self, p: Pass):
+        self.ops = p.base
+
+
+def _affine(xs, ys):
+    """(a, b) with y = a + b x through the first two points, and whether the third agrees (Fractions)."""
+    from fractions import Fraction
+
+    b = Fraction(ys[1] - ys[0], xs[1] - xs[0])
+    a = ys[0] - b * xs[0]
+    return a, b, a + b * xs[2] == ys[2]
+
+
+def _crossing(a, b, limit: int):
+    """The smallest integer x >= 1 with a + b x > limit (None: never; 1: already over at every x)."""
+    if a + b > limit:
+        return 1
+    if b <= 0:
+        return None
+    return int(math.floor((limit - a) / b)) + 1
+
+
+def _dim_text(a, b) -> str:
+    a, b = (int(v) if v.denominator == 1 else float(v) for v in (a, b))
+    if b == 0:
+        return f"{a:g}" if isinstance(a, float) else str(a)
+    n = "N" if b == 1 else f"{b:g}N"
+    return n if a == 0 else f"({n} {'+' if a > 0 else '-'} {abs(a)})"
+
+
+@functools.lru_cache(maxsize=16)
+def _fits_cached(sc_id: int, family: str):
+    sc = _scenarios[sc_id]
+    p = prepare(sc)
+    xs = fit_points(sc, family)
+    passes = [record(sc, family_step(sc, family, x)) for x in xs]
+    for x, ps in zip(xs, passes):
+        if ps.stopped:
+            raise DiagError(f"the census of a {family} step of {x} tokens {ps.stopped}")
+    vals = [_measure(ps, p.state_storages) for ps in passes]
+    return xs, vals, passes
+
+
+_scenarios: dict[int, Scenario] = {}
+
+
+def _fits(sc: Scenario, family: str):
+    _scenarios[id(sc)] = sc
+    return _fits_cached(id(sc), family)
+
+
+def thresholds(sc: Scenario, family: str = "prefill") -> pd.DataFrame:
+    """Every per-step tensor and launch grid of every kernel against its limit as N grows, one row per op site
+    (layers that repeat a built layer share its rows: ``layers`` counts them).
+
+    Shapes are affine in N (tokens for ``prefill``, requests for ``decode``): fitted from two passes and verified
+    on a third (``affine``). Columns: family, phase, module, layers, op, runs_as, role, io, dtype, formula (the
+    shape, e.g. ``N x 28672``), slope and const of its index_max (or of the grid dimension), limit, tokens (the
+    smallest N at which an index into it from its data pointer passes the limit; 1: over at every N; None:
+    never), affine, tokens_alloc (the same for its largest offset into its allocation, which differs for views
+    into a shared workspace), source."""
+    p = prepare(sc)
+    xs, vals, passes = _fits(sc, family)
+    facts = _compile_facts(sc)
+    by_site = {site: rec for rec, site in zip(passes[0].base, _sites(_BasePass(passes[0])))}
+    counts: dict = {}
+    for i, r in p.reps.items():
+        counts[r] = counts.get(r, 0) + 1
+    rows, seen = [], {}
+    for key, v0 in vals[0].items():
+        if key not in vals[1] or key not in vals[2]:
+            continue
+        site, role = key
+        rec = by_site[site]
+        v = [vals[k][key] for k in range(3)]
+        layer = _layer_of(rec.module)
+        group = (_pattern(rec.module), rec.op, site.rsplit("#", 1)[-1], role, rec.phase, tuple(x[1] for x in v))
+        if group in seen:  # the same op in another built layer, the same sizes: one row, its layers counted
+            if layer is not None and layer not in seen[group][1]:
+                seen[group][1].add(layer)
+                seen[group][0]["layers"] += counts.get(layer, 0)
+            continue
+        a, b, ok = _affine(xs, [x[1] for x in v])
+        a2, b2, ok2 = _affine(xs, [x[2] for x in v])
+        grid = role.startswith("grid.")
+        limit = GRID_LIMITS["xyz".index(role[-1])] if grid else INT32_MAX
+        dims = [_affine(xs, [x[0][d] for x in v]) if all(len(x[0]) == len(v0[0]) for x in v) else None
+                for d in range(len(v0[0]))]
+        formula = " x ".join(_dim_text(d[0], d[1]) for d in dims) if all(dims) else str(v0[0])
+        rows.append({"family": family, "site": site, "phase": rec.phase, "module": _pattern(rec.module),
+                     "layers": counts.get(layer, 0) if layer is not None and counts else 1, "op": rec.op,
+                     "runs_as": _runs_as(rec, facts, False), "role": role, "io": v0[3], "dtype": v0[4],
+                     "formula": formula, "slope": float(b), "const": float(a), "limit": limit,
+                     "tokens": _crossing(a, b, limit) if ok else None, "affine": bool(ok),
+                     "tokens_alloc": None if grid or not ok2 else _crossing(a2, b2, limit),
+                     "source": ("Triton launcher" if rec.grid else _table_grid(rec)[1]) if grid else
+                     "vLLM forward (census)"})
+        seen[group] = (rows[-1], {layer})
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["tokens"] = df["tokens"].astype("Int64")
+        df["tokens_alloc"] = df["tokens_alloc"].astype("Int64")
+    return df
+
+
+# --- into the boundary map -----------------------------------------------------------------------------------
+
+def _crossings(sc: Scenario) -> pd.DataFrame:
+    """Every crossing of both families, one row per op site; decode rows only where a prefill of the same
+    size stays constant (what grows with requests, not tokens: logits, the sampler, attention metadata)."""
+    pre = thresholds(sc, "prefill")
+    dec = thresholds(sc, "decode")
+    grows = set(zip(pre.loc[pre["slope"] > 0, "module"], pre.loc[pre["slope"] > 0, "op"],
+                    pre.loc[pre["slope"] > 0, "role"])) if len(pre) else set()
+    if len(dec):
+        dec = dec[[k not in grows for k in zip(dec["module"], dec["op"], dec["role"])]]
+    df = pd.concat([pre, dec], ignore_index=True)
+    return df[df["tokens"].notna() & (df["tokens"] > 1) & (df["tokens"] <= HORIZON)] if len(df) else df
+
+
+def boundary_rows(sc: Scenario) -> list[dict]:
+    """Every census crossing as a boundary-map row (knob axis: steps beyond the budget), one row per token count
+    and family, naming the first op that crosses there and how many more do.
+
+    Columns as diaglib.predict.boundaries rows: axis, tokens, below, above, kind, rule, feature, distance,
+    source."""
+    op = sc.vllm_config.scheduler_config.max_num_batched_tokens
+    df = _crossings(sc)
+    rows = []
+    for (family, tokens), g in df.groupby(["family", "tokens"], sort=True):
+        g = g.sort_values(["layers", "op"], ascending=[False, True])
+        first = g.iloc[0]
+        grid = first["role"].startswith("grid.")
+        what = "requests decoding one token each" if family == "decode" else "tokens in one step"
+        more = len(g) - 1
+        limit = f"CUDA's grid limit {first['limit']:,}" if grid else "2^31 - 1"
+        rule = (f"{first['op']} {first['role']} [{first['formula']}] passes {limit} at N = {int(tokens):,} "
+                f"{what}" + (f" (+ {more} more op tensors)" if more else "")
+                + (f"; needs max_num_seqs >= {int(tokens):,}" if family == "decode" else ""))
+        rows.append({"axis": "knob", "tokens": int(tokens),
+                     "below": "within grid limit" if grid else "fits int32",
+                     "above": "over grid limit" if grid else "over INT32_MAX",
+                     "kind": "grid limit" if grid else "int32", "rule": rule,
+                     "feature": f"census:{family}:{first['site']}:{first['role']}",
+                     "distance": abs(int(tokens) - op), "source": "vLLM forward (census)"})
+    return rows
+
+
+def feature_value(sc: Scenario, feature: str, n: int) -> str:
+    """A census boundary feature (``census:FAMILY:SITE:ROLE``) at n: the tensor's largest index (or the grid
+    dimension) against its limit, from the affine fit that a third pass verified."""
+    _, family, rest = feature.split(":", 2)
+    site, role = rest.rsplit(":", 1)
+    th = thresholds(sc, family)
+    hit = th[(th["site"] == site) & (th["role"] == role)]
+    if hit.empty:
+        return "absent"
+    r = hit.iloc[0]
+    grid = role.startswith("grid.")
+    over = r["const"] + r["slope"] * n > r["limit"]
+    return ("over grid limit" if grid else "over INT32_MAX") if over else \
+        ("within grid limit" if grid else "fits int32")
+
+
+# --- one step, for people ----------------------------------------------------------------------------------
+
+def step_for(sc: Scenario, tokens: int, reqs: int | None = None, decode_step: bool = False,
+             kind: str | None = None) -> Step:
+    """The step `diaglib kernels` describes: a prefill of ``tokens`` over ``reqs`` requests (default 1), a decode
+    batch (``decode_step``: ``tokens`` requests of one token, or ``reqs``), a mix, or the profile run."""
+    if kind == "profile":
+        return profile(sc, tokens)
+    if kind == "mixed":
+        return mixed(tokens, reqs or 2)
+    if decode_step:
+        if reqs is not None and tokens is not None and reqs != tokens:
+            raise DiagError(f"a decode step of {reqs} requests holds {reqs} tokens, not {tokens}")
+        return decode(reqs or tokens)
+    return prefill(tokens, reqs or 1)
+
+
+def status(sc: Scenario) -> str:
+    """One line: whether the census ran the scenario's forward on this machine, or where it stopped."""
+    try:
+        p = record(sc, prefill(min(4096, sc.vllm_config.scheduler_config.max_num_batched_tokens)))
+    except DiagError as e:
+        return f"kernel census: {e}"
+    if p.stopped:
+        return f"kernel census: the forward {p.stopped}"
+    return f"kernel census: {p.recorded} ops run, {len(p.ops)} in the whole model ({compat.installed()})"
+
+
+def summary(sc: Scenario, step: Step) -> dict:
+    """`diaglib kernels`: the step, who runs what, every kernel (repeated layers folded), the ops nearest the
+    int32 limit at this step, and the first crossings as N grows (prefill steps) or as requests grow (decode)."""
+    _check_step(sc, step)
+    p = record(sc, step)
+    df = ops(sc, step)
+    kernels = df[~df["runs_as"].isin(["no kernel", "host"]) & (df["kind"] != "vllm op")].copy()
+    kernels["module"] = kernels["module"].map(_pattern)
+    folded = (kernels.groupby(["module", "op", "runs_as"], sort=False)
+              .agg(calls=("seq", "size"), frac_int32=("frac_int32", "max"), numel=("numel", "max"),
+                   grid=("grid", "first"), largest=("largest", "first"), outputs=("outputs", "first"))
+              .reset_index())
+    family = "decode" if step.kind == "decode" else "prefill"
+    info = {"step": {"kind": step.kind, "tokens": step.tokens, "reqs": step.reqs, "padded": p.padded,
+                     "cudagraph": p.cudagraph},
+            "vllm_version": compat.installed(), "compile": {k: (sorted(v) if isinstance(v, set) else v)
+                                                           for k, v in _compile_facts(sc).items()},
+            "custom_ops": pd.DataFrame(_custom_ops(sc)), "notes": p.notes, "stopped": p.stopped,
+            "ops_run": p.recorded, "ops_total": len(p.ops), "seconds": round(p.seconds, 2),
+            "kernels": folded, "nearest": folded.sort_values("frac_int32", ascending=False).head(10)}
+    if p.stopped is None:
+        th = thresholds(sc, family)
+        info["family"] = family
+        info["crossings"] = th[th["tokens"].notna()].sort_values("tokens").head(15) if len(th) else th
+    return info
+
+
+def _custom_ops(sc: Scenario) -> list[dict]:
+    return compat.custom_ops(prepare(sc).model)
+
+
+def format_text(info: dict) -> str:
+    """`diaglib kernels` as text."""
+    s = info["step"]
+    c = info["compile"]
+    head = [f"Step: {s['kind']}, {s['tokens']:,} tokens from {s['reqs']} request(s), run at {s['padded']:,} "
+            f"(CUDA graph {s['cudagraph']}); vLLM {info['vllm_version']}",
+            f"Compilation: {c['mode']}, backend {c['backend']}; splitting ops: "
+            + (", ".join(c["splitting"]) if c["splitting"] else "none"),
+            f"Ops: {info['ops_run']:,} run, {info['ops_total']:,} in the whole model ({info['seconds']} s)"]
+    head += [f"note: {n}" for n in info["notes"]]
+    if info["stopped"]:
+        head.append(f"STOPPED: {info['stopped']}")
+    co = info["custom_ops"]
+    parts = ["\n".join(head)]
+    if len(co):
+        parts.append("CustomOps (custom kernel = enabled; forward_native = torch ops Inductor compiles)\n"
+                     + co[["custom_op", "class", "enabled", "runs"]].to_string(index=False))
+    k = info["kernels"].assign(frac_int32=lambda d: d["frac_int32"].map("{:.2e}".format))
+    parts.append("Kernels (repeated layers folded; calls = launches per step)\n"
+                 + k[["module", "op", "runs_as", "calls", "largest", "frac_int32", "grid"]].to_string(index=False))
+    n = info["nearest"].assign(frac_int32=lambda d: d["frac_int32"].map("{:.3f}".format))
+    parts.append("Nearest the int32 limit at this step\n"
+                 + n[["module", "op", "largest", "outputs", "frac_int32"]].to_string(index=False))
+    if "crossings" in info and len(info["crossings"]):
+        what = "requests (decode)" if info["family"] == "decode" else "tokens per step"
+        cr = info["crossings"]
+        parts.append(f"First to cross as {what} grow (formula in N; tokens = the first N over the limit)\n"
+                     + cr[["module", "op", "role", "formula", "limit", "tokens", "layers"]].to_string(index=False))
+    return "\n\n".join(parts)
