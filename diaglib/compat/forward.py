@@ -118,6 +118,11 @@ def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):
     """A layer's KV cache as the model runner lays it out: the backend's shape in its stride order (meta)."""
     import torch
 
+    if not hasattr(backend, "get_kv_cache_shape"):
+        from .detect import VllmApiMissing
+
+        raise VllmApiMissing(f"{backend.get_name()} has no get_kv_cache_shape (this vLLM allocates KV caches "
+                             "as byte views per layout)")
     kw = {"cache_dtype_str": cache_dtype} if _takes_obj(backend.get_kv_cache_shape, "cache_dtype_str") else {}
     shape = backend.get_kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size, **kw)
     try:
@@ -241,13 +246,22 @@ def dummy_sampling_metadata(num_reqs: int, vocab: int, device):
 
 
 def sampler(cfg):
-    """The sampler the model runner constructs."""
+    """The sampler the model runner constructs, and a note where its top-k/top-p step would run FlashInfer's
+    sampling kernels (JIT-built, called outside torch's dispatcher): the census then runs vLLM's PyTorch path
+    (same logits in, same samples out). Returns (sampler, note or None)."""
     cls = first("the V1 Sampler", "vllm.v1.sample.sampler:Sampler")
     params = inspect.signature(cls.__init__).parameters
     kw = {}
     if "logprobs_mode" in params:
         kw["logprobs_mode"] = cfg.model_config.logprobs_mode
-    return cls(**kw)
+    s = cls(**kw)
+    tks = getattr(s, "topk_topp_sampler", None)
+    fwd = getattr(tks, "forward", None)
+    if getattr(fwd, "__name__", "") == "forward_cuda" and hasattr(tks, "forward_native"):
+        tks.forward = tks.forward_native
+        return s, ("sampler: top-k/top-p runs FlashInfer's sampling kernels on the GPU (not traceable here); "
+                   "the census records vLLM's PyTorch path (same logits in, same samples out)")
+    return s, None
 
 
 def has_ir_ops() -> bool:

@@ -222,7 +222,8 @@ def around(sc: Scenario, counts=None, df: pd.DataFrame | None = None) -> pd.Data
 def summary(sc: Scenario, df: pd.DataFrame) -> dict:
     """The operating point, the nearest boundaries and the distance to the classic fused-MoE int32 overflow."""
     op = _mnbt(sc)
-    out = {"operating_point": op, "nearest": df.iloc[0][["axis", "tokens", "kind"]].to_dict() if len(df) else None}
+    out = {"operating_point": op, "nearest": df.iloc[0][["axis", "tokens", "kind"]].to_dict() if len(df) else None,
+           "census": census.status(sc)}
     if layers.build_moe_layer(sc) is not None:
         classic = moe.classic_overflow_tokens(sc)
         grid = moe.grid_thresholds(sc)
@@ -256,6 +257,8 @@ def format_text(df: pd.DataFrame, near: pd.DataFrame, info: dict, limit: int | N
         lines += [f"Classic fused-MoE int32 overflow (M x top_k x hidden > 2^31): {t:,} tokens per step, "
                   f"{t - op:,} above the operating point ({t / op:.1f}x); {state}",
                   f"Triton fused-MoE grid limits (x < 2^31, y/z < 65536): {grid}", ""]
+    if "census" in info:
+        lines += [info["census"].capitalize(), ""]
     lines += ["Boundaries, nearest first", shown[["axis", "tokens", "distance", "kind", "rule"]].to_string(index=False)]
     if limit is not None and len(cap) > 1:
         lines.append(f"(+ {len(cap) - 1} more capture-size edges: every capture size + 1; --all lists them)")

@@ -266,7 +266,10 @@ def _recorder_mode(state):
                     rec.note = f"inner kernels not traced ({_why(e)})"
                     state.tracebacks.append(traceback.format_exc())
                     del state.ops[mark:]
-                    out = func(*args, **kwargs)
+                    try:
+                        out = func(*args, **kwargs)
+                    except NotImplementedError:  # no fake either: an op that only writes its out-arguments
+                        out = _mutated(func, args, kwargs)
                 finally:
                     state.parents.pop()
             else:
@@ -425,6 +428,63 @@ def _triton_launches(state: _State):
         JITFunction.run = real
 
 
+class _Collectives:
+    """The device communicator of a stand-in parallel group: each collective is recorded as an op
+    ``collective::NAME`` with the tensor it yields on rank 0, and not run (no other rank exists)."""
+
+    def __init__(self, state: "_State", world: int):
+        self.state, self.world = state, world
+
+    def _record(self, name, inp, out):
+        rec = _Op(self.state, f"collective::{name}", "collective")
+        rec.tensors = [("input", inp), ("out", out)]
+        rec.scalars = {"world_size": self.world, "_n_in": 1}
+        self.state.ops.append(rec)
+        return out
+
+    def all_reduce(self, x, *a, **k):
+        return self._record("all_reduce", x, x.new_empty(x.shape))
+
+    def _scaled(self, x, dim, factor):
+        shape = list(x.shape)
+        shape[dim] = int(shape[dim] * factor)
+        return x.new_empty(shape)
+
+    def all_gather(self, x, dim=-1, *a, **k):
+        return self._record("all_gather", x, self._scaled(x, dim, self.world))
+
+    def gather(self, x, dst=0, dim=-1, *a, **k):
+        return self._record("gather", x, self._scaled(x, dim, self.world))
+
+    def reduce_scatter(self, x, dim=-1, *a, **k):
+        return self._record("reduce_scatter", x, self._scaled(x, dim, 1 / self.world))
+
+
+@contextlib.contextmanager
+def _stand_in_collectives(state: "_State"):
+    """vLLM's stand-in parallel groups (layers.rank0) get a recording device communicator."""
+    from vllm.distributed import parallel_state as ps
+
+    for name in dir(ps):
+        g = getattr(ps, name, None)
+        if type(g).__name__ == "GroupCoordinator" and getattr(g, "device_group", None) is not None \
+                and getattr(g, "world_size", 1) > 1:
+            g.use_custom_op_call = False
+            g.device_communicator = _Collectives(state, g.world_size)
+    yield
+
+
+@contextlib.contextmanager
+def _env(sc: Scenario, cfg, state: _State, model=None):
+    """Rank 0 of the scenario, the private config current, GPU tensors on meta, every op recorded."""
+    from vllm.config import set_current_vllm_config
+
+    hooks = _module_hooks(state, model) if model is not None else contextlib.nullcontext()
+    with layers.rank0(sc), _stand_in_collectives(state), set_current_vllm_config(cfg), _no_device_calls(), \
+            _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
+        yield
+
+
 # --- the census's model and one recorded pass ----------------------------------------------------------
 
 @dataclasses.dataclass
@@ -512,15 +572,22 @@ def _private_config(sc: Scenario, num_layers: int | None):
     return cfg
 
 
-def _kv_blocks(sc: Scenario) -> int:
-    """KV-cache blocks per rank by vLLM's KV sizing of the memory the budget leaves (predict.memory)."""
+def _kv_blocks(sc: Scenario, notes: list) -> int:
+    """KV-cache blocks per rank by vLLM's KV sizing of the memory the budget leaves (predict.memory); where that
+    cannot be answered here, the fewest vLLM accepts (one max_model_len request), and a note says so."""
     from . import memory
 
-    b = memory.budget(sc).set_index("item")
-    kv = int(b.loc["KV cache", "bytes"])
-    if kv <= 0:
-        return 1
-    return compat.kv_cache_config(compat.private_config(sc.vllm_config), kv)[0].num_blocks
+    try:
+        b = memory.budget(sc).set_index("item")
+        kv = int(b.loc["KV cache", "bytes"])
+        if kv > 0:
+            return compat.kv_cache_config(compat.private_config(sc.vllm_config), kv)[0].num_blocks
+        why = "the memory budget leaves nothing for the KV cache"
+    except Exception as e:  # noqa: BLE001
+        why = f"the memory budget is not available here ({_why(e)})"
+    n = -(-sc.vllm_config.model_config.max_model_len // sc.vllm_config.cache_config.block_size) + 1
+    notes.append(f"KV cache: {why}; {n} blocks (one max_model_len request) stand in")
+    return n
 
 
 def prepare(sc: Scenario) -> _Prepared:
@@ -533,32 +600,50 @@ def prepare(sc: Scenario) -> _Prepared:
     import torch
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
-    build, reps = _layer_plan(sc)
-    cfg = _private_config(sc, build)
-    model, registries = layers.new_model(sc, cfg)
+    try:
+        build, reps = _layer_plan(sc)
+        cfg = _private_config(sc, build)
+        model, registries = layers.new_model(sc, cfg)
+    except DiagError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        raise DiagError(f"the census cannot build {sc.hf_config.architectures[0]} on the meta device with vLLM "
+                        f"{compat.installed()} here ({_why(e)})") from None
     for name, reg in registries.items():
         setattr(cfg.compilation_config, name, reg)
     state = _State()
     notes = []
-    with _env(sc, cfg, state):
-        process_weights_after_loading(model, cfg.model_config, torch.device("meta"))
+    try:
+        with _env(sc, cfg, state):
+            process_weights_after_loading(model, cfg.model_config, torch.device("meta"))
+    except Exception as e:  # noqa: BLE001
+        raise DiagError(f"the census cannot run vLLM's process_weights_after_loading on meta weights here "
+                        f"({_why(e)})") from None
     if state.stand_ins:
         notes.append(f"process_weights_after_loading read {len(state.stand_ins)} values of meta tensors "
                      "(weight scales); 1 stood in for each")
     registry = registries.get("static_forward_context", {})
-    num_blocks = _kv_blocks(sc)
+    num_blocks = _kv_blocks(sc, notes)
     storages = {t.untyped_storage()._cdata: "weight" for t in (*model.parameters(), *model.buffers())}
     groups: dict = {}
+    unbound = set()
     for name, layer in compat.attention_layers(registry).items():
         with _env(sc, cfg, _State()):
             spec = compat.layer_kv_spec(layer, cfg)
             if spec is None:
                 continue
             backend = compat.layer_backend(layer)
-            kv = compat.kv_cache_tensor(backend, spec, num_blocks, cfg.cache_config.cache_dtype)
-            compat.bind_kv_cache(layer, kv)
-        storages[kv.untyped_storage()._cdata] = "kv cache"
+            try:
+                kv = compat.kv_cache_tensor(backend, spec, num_blocks, cfg.cache_config.cache_dtype)
+            except compat.VllmApiMissing as e:
+                unbound.add(str(e))
+                kv = None
+            if kv is not None:
+                compat.bind_kv_cache(layer, kv)
+                storages[kv.untyped_storage()._cdata] = "kv cache"
         groups.setdefault((backend, spec), []).append(name)
+    notes += [f"KV cache not laid out here ({why}): attention runs with the shapes its fake implementation sees"
+              for why in sorted(unbound)]
     built, tables = [], {}
     for (backend, spec), names in groups.items():
         builder = None
@@ -663,7 +748,7 @@ def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list)
     return md, slots
 
 
-def _dispatched(sc: Scenario, step: Step):
+def _dispatched(sc: Scenario, step: Step, notes: list):
     """(padded tokens, CUDA-graph mode name, vLLM's mode, batch descriptor) the runner uses for this step."""
     from vllm.config import CUDAGraphMode
 
@@ -672,10 +757,14 @@ def _dispatched(sc: Scenario, step: Step):
         return step.tokens, "NONE", CUDAGraphMode.NONE, None
     from . import dispatch as D
 
-    d = D.dispatch(sc, step.tokens, num_reqs=step.reqs, max_query_len=max(step.query))
-    disp, _ = D.dispatcher(sc)
-    padded, mode, _, desc = compat.dispatch_batch(disp, sc.vllm_config, step.tokens, step.reqs, max(step.query))
-    return d["padded_tokens"], d["cudagraph_mode"], mode, desc
+    try:
+        disp, _ = D.dispatcher(sc)
+        padded, mode, _, desc = compat.dispatch_batch(disp, sc.vllm_config, step.tokens, step.reqs,
+                                                      max(step.query))
+    except Exception as e:  # noqa: BLE001 - the pass still runs, unpadded, and says so
+        notes.append(f"CUDA-graph dispatch not answered here ({_why(e)}): the pass runs unpadded")
+        return step.tokens, "unknown", CUDAGraphMode.NONE, None
+    return int(padded), mode.name, mode, desc
 
 
 def _rename(module: str, rep: int, i: int) -> str:
@@ -724,8 +813,8 @@ def record(sc: Scenario, step: Step) -> Pass:
 
     p = prepare(sc)
     t0 = time.perf_counter()
-    padded, mode_name, mode, desc = _dispatched(sc, step)
     state, notes, stopped = _State(), list(p.notes), None
+    padded, mode_name, mode, desc = _dispatched(sc, step, notes)
     try:
         with torch.inference_mode(), _env(sc, p.cfg, state, p.model), compat.eager(p.model), compat.workspace():
             inputs = _runner_inputs(p)
@@ -742,7 +831,10 @@ def record(sc: Scenario, step: Step) -> Pass:
                 logits = compat.compute_logits(p.model, hidden[idx])
                 state.phase = "sampler"
                 meta = compat.dummy_sampling_metadata(step.reqs, logits.shape[-1], torch.device("cuda"))
-                compat.sampler(p.cfg)(logits=logits, sampling_metadata=meta)
+                sampler, note = compat.sampler(p.cfg)
+                if note:
+                    notes.append(note)
+                sampler(logits=logits, sampling_metadata=meta)
     except DiagError:
         raise
     except Exception as e:  # noqa: BLE001 - the census says where it stopped, in one line
@@ -1087,7 +1179,10 @@ def boundary_rows(sc: Scenario) -> list[dict]:
     Columns as diaglib.predict.boundaries rows: axis, tokens, below, above, kind, rule, feature, distance,
     source."""
     op = sc.vllm_config.scheduler_config.max_num_batched_tokens
-    df = _crossings(sc)
+    try:
+        df = _crossings(sc)
+    except DiagError:  # the census cannot run here: status() says why, the rest of the map stands
+        return []
     rows = []
     for (family, tokens), g in df.groupby(["family", "tokens"], sort=True):
         g = g.sort_values(["layers", "op"], ascending=[False, True])
