@@ -102,10 +102,26 @@ def attention_layers(registry: dict) -> dict:
 
 
 def layer_kv_spec(layer, cfg):
-    """The layer's own KVCacheSpec (None where it needs no KV cache)."""
-    if takes(f"{type(layer).__module__}:{type(layer).__qualname__}.get_kv_cache_spec", "vllm_config"):
-        return layer.get_kv_cache_spec(cfg)
-    return layer.get_kv_cache_spec()
+    """The layer's own KVCacheSpec (None where it needs no KV cache). Where layers do not build it themselves
+    (the 0.10 line), the model runner's get_kv_cache_spec is mirrored (derived: decoder layers only, full or
+    sliding-window attention, from the layer's heads, head size and window)."""
+    fn = getattr(layer, "get_kv_cache_spec", None)
+    if fn is not None:
+        return fn(cfg) if _takes_obj(fn, "vllm_config") else fn()
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from .scheduling import kv_cache_spec
+
+    if str(getattr(layer, "attn_type", "decoder")).lower().split(".")[-1] != "decoder":
+        return None
+    base = kv_cache_spec(cfg)
+    kw = {"block_size": base.block_size, "num_kv_heads": layer.num_kv_heads, "head_size": layer.head_size,
+          "dtype": base.dtype}
+    if "use_mla" in {f.name for f in dataclasses.fields(FullAttentionSpec)}:
+        kw["use_mla"] = cfg.model_config.use_mla
+    if getattr(layer, "sliding_window", None) is not None:
+        return SlidingWindowSpec(sliding_window=layer.sliding_window, **kw)
+    return FullAttentionSpec(**kw)
 
 
 def layer_backend(layer):

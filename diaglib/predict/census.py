@@ -1008,15 +1008,19 @@ def family_step(sc: Scenario, family: str, n: int) -> Step:
 
 
 def fit_points(sc: Scenario, family: str) -> tuple[int, int, int]:
-    """Two sizes the fits are made from and a third that verifies them. Prefill: the budget (at least 4096, above
-    CUDA-graph padding), twice and four times it (+1). Decode: requests up to max_num_seqs (vLLM's attention
-    metadata buffers hold no more), powers of two (CUDA-graph capture sizes: no padding)."""
+    """Two sizes the fits are made from and a third, far above, that verifies them (a shape capped by chunking
+    fails it). Prefill: the budget (at least 4096, above CUDA-graph padding), twice it, and 2^20 + 1 tokens (or
+    4x the budget + 1). Decode: requests up to max_num_seqs (vLLM's attention metadata buffers hold no more),
+    powers of two (CUDA-graph capture sizes: no padding)."""
     sch = sc.vllm_config.scheduler_config
     if family == "decode":
         m = 1 << max(sch.max_num_seqs.bit_length() - 1, 2)
         return m // 4, m // 2, m
     b = max(sch.max_num_batched_tokens, 4096)
-    return b, 2 * b, 4 * b + 1
+    return b, 2 * b, max(4 * b, 1 << 20) + 1
+
+
+MAX_CHECKS = 8  # crossings of shapes that are not affine all the way, checked by passes on both sides
 
 
 HORIZON = 1 << 24  # crossings listed up to this many tokens (or requests) per step
@@ -1103,6 +1107,20 @@ def _fits(sc: Scenario, family: str):
     return _fits_cached(id(sc), family)
 
 
+_checks: dict = {}
+
+
+def _confirmed(sc: Scenario, family: str, key, n: int, limit: int) -> bool:
+    """Whether passes at n - 1 and n put the tensor (or grid) at or under the limit and over it."""
+    done = _checks.setdefault((id(sc), family), set())
+    if n not in done and len(done) >= MAX_CHECKS:
+        return False
+    done.add(n)
+    st = prepare(sc).state_storages
+    below, above = (_measure(record(sc, family_step(sc, family, m)), st).get(key) for m in (n - 1, n))
+    return below is not None and above is not None and below[1] <= limit < above[1]
+
+
 def thresholds(sc: Scenario, family: str = "prefill") -> pd.DataFrame:
     """Every per-step tensor and launch grid of every kernel against its limit as N grows, one row per op site
     (layers that repeat a built layer share its rows: ``layers`` counts them).
@@ -1111,7 +1129,7 @@ def thresholds(sc: Scenario, family: str = "prefill") -> pd.DataFrame:
     on a third (``affine``). Columns: family, phase, module, layers, op, runs_as, role, io, dtype, formula (the
     shape, e.g. ``N x 28672``), slope and const of its index_max (or of the grid dimension), limit, tokens (the
     smallest N at which an index into it from its data pointer passes the limit; 1: over at every N; None:
-    never), affine, tokens_alloc (the same for its largest offset into its allocation, which differs for views
+    never, or a shape that is not affine whose crossing no pass confirmed), affine, tokens_alloc (the same for its largest offset into its allocation, which differs for views
     into a shared workspace), source."""
     p = prepare(sc)
     xs, vals, passes = _fits(sc, family)
@@ -1141,11 +1159,16 @@ def thresholds(sc: Scenario, family: str = "prefill") -> pd.DataFrame:
         dims = [_affine(xs, [x[0][d] for x in v]) if all(len(x[0]) == len(v0[0]) for x in v) else None
                 for d in range(len(v0[0]))]
         formula = " x ".join(_dim_text(d[0], d[1]) for d in dims) if all(dims) else str(v0[0])
+        tokens = _crossing(a, b, limit) if ok else None
+        if not ok:  # not affine up to the far point (e.g. chunked): the first two points' crossing, if a pass
+            a1, b1, _ = _affine(xs[:2] + xs[:1], [x[1] for x in v[:2]] + [v[0][1]])  # on each side confirms it
+            cand = _crossing(a1, b1, limit)
+            tokens = cand if cand and xs[0] <= cand < xs[2] and _confirmed(sc, family, key, cand, limit) else None
         rows.append({"family": family, "site": site, "phase": rec.phase, "module": _pattern(rec.module),
                      "layers": counts.get(layer, 0) if layer is not None and counts else 1, "op": rec.op,
                      "runs_as": _runs_as(rec, facts, False), "role": role, "io": v0[3], "dtype": v0[4],
                      "formula": formula, "slope": float(b), "const": float(a), "limit": limit,
-                     "tokens": _crossing(a, b, limit) if ok else None, "affine": bool(ok),
+                     "tokens": tokens, "affine": bool(ok),
                      "tokens_alloc": None if grid or not ok2 else _crossing(a2, b2, limit),
                      "source": ("Triton launcher" if rec.grid else _table_grid(rec)[1]) if grid else
                      "vLLM forward (census)"})
