@@ -872,6 +872,8 @@ def _runs_as(rec: _Op, facts: dict, host: bool) -> str:
     if host:
         return "host"
     if rec.kind == "vllm op" and rec.root is None:
+        if not facts["compiled"]:
+            return "custom op (eager)"
         return "splitting op (eager)" if rec.op in facts["splitting"] else "custom op (opaque to the compiler)"
     if rec.phase != "model" or not facts["compiled"]:
         return "triton kernel" if rec.kind == "triton" else "custom kernel" if rec.kind == "custom" else "eager torch"
