@@ -47,11 +47,13 @@ from .forward import (
     dummy_sampling_metadata,
     eager,
     forward_context,
+    input_batch,
     kv_cache_tensor,
     layer_backend,
     layer_kv_spec,
     metadata_builder,
     profile_runs_attention,
+    runner_buffers,
     sampler,
     workspace,
 )

@@ -311,3 +311,33 @@ def workspace():
         yield
     finally:
         ws._manager = saved
+
+
+# --- the model runner's persistent buffers -------------------------------------------------------------
+
+def input_batch(cfg, block_sizes: list[int]):
+    """vLLM's InputBatch (the model runner's per-request state: token ids, block tables, slot mapping, sampling
+    tensors) as the model runner constructs it; call it where tensors land on the meta device."""
+    import torch
+
+    cls = first("the model runner's InputBatch", "vllm.v1.worker.gpu_input_batch:InputBatch")
+    sch, mc = cfg.scheduler_config, cfg.model_config
+    kw = {"max_num_reqs": sch.max_num_seqs, "max_model_len": mc.max_model_len,
+          "max_num_batched_tokens": sch.max_num_batched_tokens, "device": torch.device("cuda"),
+          "pin_memory": False, "vocab_size": mc.get_vocab_size(), "block_sizes": block_sizes,
+          "kernel_block_sizes": block_sizes, "is_spec_decode": cfg.speculative_config is not None}
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kw.items() if k in params})
+
+
+def runner_buffers(cfg) -> list[tuple[str, tuple, object, str]]:
+    """(name, shape, torch dtype, device) of the model runner's own persistent buffers that GPUModelRunner's
+    constructor sizes from max_num_batched_tokens and max_num_seqs (derived: GPUModelRunner.__init__, which
+    needs a GPU to construct; input_ids / positions [max_num_tokens], query_start_loc [max_num_reqs + 1],
+    seq_lens [max_num_reqs], req_indices and query positions [max_num_tokens])."""
+    import torch
+
+    t, r = cfg.scheduler_config.max_num_batched_tokens, cfg.scheduler_config.max_num_seqs
+    return [("runner.input_ids", (t,), torch.int32, "gpu"), ("runner.positions", (t,), torch.int64, "gpu"),
+            ("runner.query_start_loc", (r + 1,), torch.int32, "gpu"), ("runner.seq_lens", (r,), torch.int32, "gpu"),
+            ("runner.req_indices", (t,), torch.int64, "cpu"), ("runner.query_pos", (t,), torch.int64, "cpu")]

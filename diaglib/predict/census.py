@@ -884,7 +884,14 @@ def _runs_as(rec: _Op, facts: dict, host: bool) -> str:
         return f"{kernel} (in {inside} {rec.root.split('::')[-1]})"
     if rec.kind in ("custom", "triton"):
         return "custom kernel (in the compiled graph)"
-    return "inductor" if facts["inductor"] else f"compiled graph ({facts['backend']} backend)"
+    if not facts["inductor"]:
+        return f"compiled graph ({facts['backend']} backend)"
+    return "inductor extern (cuBLAS)" if rec.op in _EXTERN else "inductor"
+
+
+# aten ops Inductor leaves to an external library call (cuBLAS / cuDNN) instead of generating a kernel.
+_EXTERN = {"aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul",
+           "aten::_scaled_mm", "aten::convolution"}
 
 
 def _layer_of(module: str):
@@ -1292,6 +1299,7 @@ def summary(sc: Scenario, step: Step) -> dict:
             "custom_ops": pd.DataFrame(_custom_ops(sc)), "notes": p.notes, "stopped": p.stopped,
             "ops_run": p.recorded, "ops_total": len(p.ops), "seconds": round(p.seconds, 2),
             "kernels": folded, "nearest": folded.sort_values("frac_int32", ascending=False).head(10)}
+    info["runner_buffers"] = runner_buffers(sc).head(8)
     if p.stopped is None:
         th = thresholds(sc, family)
         info["family"] = family
@@ -1326,9 +1334,134 @@ def format_text(info: dict) -> str:
     n = info["nearest"].assign(frac_int32=lambda d: d["frac_int32"].map("{:.3f}".format))
     parts.append("Nearest the int32 limit at this step\n"
                  + n[["module", "op", "largest", "outputs", "frac_int32"]].to_string(index=False))
+    rb = info["runner_buffers"].assign(index_frac=lambda d: d["index_frac"].map("{:.2e}".format),
+                                       value_frac=lambda d: d["value_frac"].map(lambda v: "-" if v != v or v is None
+                                                                                else f"{v:.2e}"))
+    parts.append("Model runner buffers, largest first (index_frac: largest index / (2^31 - 1); value_frac: the "
+                 "largest value held / its dtype's largest)\n"
+                 + rb[["buffer", "shape", "dtype", "device", "index_frac", "holds", "value_frac"]].to_string(index=False))
     if "crossings" in info and len(info["crossings"]):
         what = "requests (decode)" if info["family"] == "decode" else "tokens per step"
         cr = info["crossings"]
         parts.append(f"First to cross as {what} grow (formula in N; tokens = the first N over the limit)\n"
                      + cr[["module", "op", "role", "formula", "limit", "tokens", "layers"]].to_string(index=False))
     return "\n\n".join(parts)
+
+
+# --- the model runner's own buffers ------------------------------------------------------------------------
+
+def _everything_meta_mode(created: dict):
+    """While vLLM's InputBatch is constructed: every tensor (host ones too) is made on the meta device, and a host
+    tensor's ``.numpy()`` is a zero-stride array of its shape (no memory); ``created`` maps each to the device
+    vLLM asked for."""
+    import numpy as np
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    meta = torch.device("meta")
+
+    class _AllMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            name = getattr(func, "__name__", "")
+            if name == "numpy" and args and isinstance(args[0], torch.Tensor):
+                t = args[0]
+                dtype = np.dtype(str(t.dtype).removeprefix("torch.").replace("bool", "bool_"))
+                return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape=tuple(t.shape),
+                                                       strides=(0,) * t.dim())
+            if name in ("pin_memory", "cuda"):
+                return args[0]
+            asked = kwargs.get("device")
+            if name in ("zeros", "empty", "ones", "full", "arange", "tensor", "empty_like", "zeros_like"):
+                kwargs["device"] = meta
+                kwargs.pop("pin_memory", None)
+                out = func(*args, **kwargs)
+                if isinstance(out, torch.Tensor):
+                    created[id(out)] = "gpu" if _is_gpu(asked) else "cpu"
+                return out
+            return func(*args, **kwargs)
+
+    return _AllMeta()
+
+
+def _walk_buffers(obj, prefix: str, created: dict, out: dict, depth: int = 0):
+    import torch
+
+    if depth > 3:
+        return
+    items = vars(obj).items() if hasattr(obj, "__dict__") else []
+    for k, v in items:
+        name = f"{prefix}.{k}"
+        if isinstance(v, torch.Tensor):
+            if id(v) in created and id(v) not in out:
+                out[id(v)] = (name, v, created[id(v)])
+        elif isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                if hasattr(x, "__dict__") and not isinstance(x, torch.Tensor):
+                    _walk_buffers(x, f"{name}[{i}]", created, out, depth + 1)
+        elif hasattr(v, "__dict__") and type(v).__module__.startswith("vllm"):
+            _walk_buffers(v, name, created, out, depth + 1)
+
+
+# What the values held in a buffer reach (derived from what each holds), by the end of its name.
+_VALUE_BOUNDS = (
+    ("slot_mapping", "KV slots: blocks x block_size - 1", lambda b: b["num_blocks"] * b["block_size"] - 1),
+    ("block_table", "KV block ids: blocks - 1", lambda b: b["num_blocks"] - 1),
+    ("token_ids", "token ids: vocab - 1", lambda b: b["vocab"] - 1),
+    ("input_ids", "token ids: vocab - 1", lambda b: b["vocab"] - 1),
+    ("positions", "positions: max_model_len - 1", lambda b: b["max_model_len"] - 1),
+    ("seq_lens", "sequence lengths: max_model_len", lambda b: b["max_model_len"]),
+    ("num_computed_tokens", "tokens: max_model_len", lambda b: b["max_model_len"]),
+    ("num_tokens", "tokens: max_model_len", lambda b: b["max_model_len"]),
+    ("num_prompt_tokens", "tokens: max_model_len", lambda b: b["max_model_len"]),
+    ("query_start_loc", "token offsets: max_num_batched_tokens", lambda b: b["max_num_batched_tokens"]),
+    ("req_indices", "request indices: max_num_seqs - 1", lambda b: b["max_num_seqs"] - 1),
+    ("query_pos", "query positions: max_num_batched_tokens - 1", lambda b: b["max_num_batched_tokens"] - 1),
+)
+
+
+def runner_buffers(sc: Scenario) -> pd.DataFrame:
+    """The model runner's persistent tensors sized from max_num_batched_tokens, max_num_seqs, max_model_len and
+    the KV block count, with their index headroom and the headroom of the values they hold.
+
+    vLLM's own InputBatch (token ids, block tables, slot mapping, sampling tensors) is constructed with every
+    tensor on the meta device; the runner's own buffers are mirrored (compat.runner_buffers, derived).
+    Columns: buffer, shape, dtype, device, numel, index_frac (largest index / (2^31 - 1)), holds, value_max,
+    value_frac (value_max / the dtype's largest value), source."""
+    import torch
+
+    p = prepare(sc)
+    cfg = p.cfg
+    created: dict = {}
+    found: dict = {}
+    sizes = sorted({spec.block_size for _, spec, _, _ in p.groups}) or [cfg.cache_config.block_size]
+    from vllm.config import set_current_vllm_config
+
+    batch, why = None, None
+    with layers.rank0(sc), set_current_vllm_config(cfg), _everything_meta_mode(created):
+        try:
+            batch = compat.input_batch(cfg, sizes)
+        except Exception as e:  # noqa: BLE001 - the runner's own rows still stand; the note says why
+            why = _why(e)
+    if batch is not None:
+        _walk_buffers(batch, "input_batch", created, found)
+    rows = []
+    for name, t, dev in found.values():
+        rows.append((name, tuple(t.shape), t.dtype, dev, f"vLLM {type(batch).__name__}"))
+    rows += [(n, s, d, dev, "derived: GPUModelRunner.__init__") for n, s, d, dev in compat.runner_buffers(cfg)]
+    bounds = {"num_blocks": p.num_blocks, "block_size": sizes[0], "vocab": cfg.model_config.get_vocab_size(),
+              "max_model_len": cfg.model_config.max_model_len, "max_num_seqs": cfg.scheduler_config.max_num_seqs,
+              "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens}
+    out = []
+    for name, shape, dtype, dev, source in rows:
+        numel = math.prod(shape)
+        holds, vmax = next(((h, f(bounds)) for key, h, f in _VALUE_BOUNDS if name.split(".")[-1].startswith(key)
+                            or name.rsplit(".", 2)[-2:][0].endswith(key)), (None, None))
+        top = (torch.iinfo(dtype).max if not dtype.is_floating_point and dtype != torch.bool else None)
+        out.append({"buffer": name, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "device": dev,
+                    "numel": numel, "index_frac": max(numel - 1, 0) / INT32_MAX, "holds": holds,
+                    "value_max": vmax, "value_frac": (vmax / top) if vmax is not None and top else None,
+                    "source": source})
+    df = pd.DataFrame(out).sort_values("index_frac", ascending=False, kind="stable").reset_index(drop=True)
+    df.attrs["note"] = f"InputBatch not constructed here ({why})" if why else None
+    return df
