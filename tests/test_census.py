@@ -193,7 +193,7 @@ def test_what_runs_each_op_follows_the_compilation_config(scenario):
     comp = compat.compilation_summary(scenario.vllm_config)
     attn = df[df["op"] == "vllm::unified_attention_with_output"]
     assert set(attn["runs_as"]) == {"splitting op (eager)"}
-    assert "vllm::unified_attention_with_output" in comp["splitting_ops"]
+    assert "vllm::unified_attention_with_output" in compat.splitting_ops(scenario.vllm_config)
     top = df[(df["kind"] == "aten") & (df["phase"] == "model") & df["parent"].isna()]
     if comp["compile_backend"] == "inductor":
         assert set(top["runs_as"]) <= {"inductor", "inductor extern (cuBLAS)"} and "inductor" in set(top["runs_as"])

@@ -55,6 +55,7 @@ from .forward import (
     profile_runs_attention,
     runner_buffers,
     sampler,
+    splitting_ops,
     workspace,
 )
 from .models import (

@@ -53,16 +53,6 @@ def forward_context(cfg, attn_metadata, num_tokens: int, cudagraph_mode=None, ba
     return set_forward_context(attn_metadata, cfg, **kw)
 
 
-def forward_registries(cc) -> list[str]:
-    """The names of the compilation config's per-model layer registries (static_forward_context, ...)."""
-    return [n for n in ("static_forward_context", "static_all_moe_layers") if hasattr(cc, n)]
-
-
-def runtime_mode(mode):
-    """The runtime CUDA-graph mode vLLM hands the forward context for a dispatched mode (NONE / PIECEWISE / FULL)."""
-    return mode
-
-
 # --- CustomOp enablement ------------------------------------------------------------------------------
 
 def custom_ops(model) -> list[dict]:
@@ -157,9 +147,12 @@ def _takes_obj(fn, param: str) -> bool:
         return False
 
 
-def bind_kv_cache(layer, kv_cache, pp_size: int = 1):
-    """Give an attention layer its KV cache as bind_kv_cache does (a tensor, or one per virtual engine)."""
-    if isinstance(getattr(layer, "kv_cache", None), list):
+def bind_kv_cache(layer, kv_cache):
+    """Give an attention layer its KV cache as bind_kv_cache does (the layer's own bind_kv_cache where it has
+    one; else a tensor, or one per virtual engine)."""
+    if hasattr(layer, "bind_kv_cache"):
+        layer.bind_kv_cache(kv_cache)
+    elif isinstance(getattr(layer, "kv_cache", None), list):
         layer.kv_cache = [kv_cache] * max(len(layer.kv_cache), 1)
     else:
         layer.kv_cache = kv_cache
@@ -280,11 +273,6 @@ def sampler(cfg):
     return s, None
 
 
-def has_ir_ops() -> bool:
-    """Whether this vLLM routes some ops through its IR layer (vllm.ir, ops named vllm_ir::*)."""
-    return has("vllm.ir")
-
-
 def compute_logits(model, hidden):
     """The model's logits for the sampled rows (0.10 took a sampling_metadata argument, unused)."""
     import inspect as _i
@@ -341,3 +329,10 @@ def runner_buffers(cfg) -> list[tuple[str, tuple, object, str]]:
     return [("runner.input_ids", (t,), torch.int32, "gpu"), ("runner.positions", (t,), torch.int64, "gpu"),
             ("runner.query_start_loc", (r + 1,), torch.int32, "gpu"), ("runner.seq_lens", (r,), torch.int32, "gpu"),
             ("runner.req_indices", (t,), torch.int64, "cpu"), ("runner.query_pos", (t,), torch.int64, "cpu")]
+
+
+def splitting_ops(vllm_config) -> set[str]:
+    """The resolved splitting ops as dispatcher names (``vllm::unified_attention_with_output``; the 0.10 line
+    spells them ``vllm.unified_attention_with_output``)."""
+    ops = vllm_config.compilation_config.splitting_ops or []
+    return {s if "::" in s else s.replace(".", "::", 1) for s in ops}

@@ -861,7 +861,7 @@ def _compile_facts(sc: Scenario) -> dict:
     piecewise = bool(comp["compile_ranges"]) or "PIECEWISE" in mode or mode.startswith("VLLM_COMPILE")
     compiled = piecewise or not (mode.startswith("NONE") or mode.startswith("NO_COMPILATION"))
     return {"compiled": compiled, "piecewise": piecewise, "inductor": comp["compile_backend"] == "inductor",
-            "splitting": set(comp["splitting_ops"]) if piecewise else set(), "mode": mode,
+            "splitting": compat.splitting_ops(sc.vllm_config) if piecewise else set(), "mode": mode,
             "backend": comp["compile_backend"]}
 
 
