@@ -12,7 +12,8 @@ of the census's own (the only fakes here, both documented in :class:`_ToMeta` an
   implementation so that the kernels inside them are recorded too (on failure: their registered fake, and the
   census says so); ops with a meta or fake implementation run it; vLLM's C++ kernels without one either write
   into out-arguments (passed through: shapes are preserved) or are shaped by :data:`_NO_META` (each entry cites
-  the kernel source it follows); ``.item()`` on a meta tensor answers 1 and is noted; Triton launches are
+  the kernel source it follows); ``.item()`` on a meta tensor answers 1 and is noted; a copy from a host tensor
+  into a meta one keeps the meta tensor (attention metadata builders upload host values); Triton launches are
   recorded with their grid and not launched; device housekeeping (``empty_cache``, ``synchronize``) does
   nothing; collectives of the stand-in parallel groups are recorded (``collective::*``) with the tensor they
   yield on rank 0, and not run (:class:`_Collectives`).
@@ -282,6 +283,9 @@ def _recorder_mode(state):
                     else:
                         out = _mutated(func, args, kwargs)
                 except RuntimeError as e:
+                    if name == "aten::copy_" and "cross-device" in str(e):  # host values into a device tensor
+                        rec.note = "host-to-device copy: the device tensor keeps its shape"
+                        return args[0]
                     if name not in ("aten::_local_scalar_dense", "aten::item"):
                         raise
                     out = 1.0 if args[0].dtype.is_floating_point else 1
@@ -708,7 +712,7 @@ def _rows(buf, n: int):
     return torch.empty((n, *buf.shape[1:]), dtype=buf.dtype, device="cuda")
 
 
-def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list):
+def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list, tracebacks: list):
     """Per-layer attention metadata and slot mappings for the step, from each backend's own builder."""
     import torch
 
@@ -742,6 +746,7 @@ def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list)
         except Exception as e:  # noqa: BLE001
             notes.append(f"{backend.get_name()}: metadata not built for this step ({_why(e)}); attention runs with "
                          "the shapes its fake implementation sees")
+            tracebacks.append(traceback.format_exc())
             continue
         for n in names:
             md[n] = built
@@ -816,9 +821,11 @@ def record(sc: Scenario, step: Step) -> Pass:
     state, notes, stopped = _State(), list(p.notes), None
     padded, mode_name, mode, desc = _dispatched(sc, step, notes)
     try:
-        with torch.inference_mode(), _env(sc, p.cfg, state, p.model), compat.eager(p.model), compat.workspace():
+        # At serving time torch's default device is the host (meta only while the model is built).
+        with torch.inference_mode(), _env(sc, p.cfg, state, p.model), torch.device("cpu"), compat.eager(p.model), \
+                compat.workspace():
             inputs = _runner_inputs(p)
-            md, slots = _attention(p, step, padded, inputs, notes)
+            md, slots = _attention(p, step, padded, inputs, notes, state.tracebacks)
             state.phase = "model"
             with compat.forward_context(p.cfg, md, padded, mode, desc, slots):
                 hidden = p.model(input_ids=_rows(inputs["input_ids"], padded),
