@@ -259,3 +259,29 @@ def test_kernels_command_json(capsys):
     assert data["step"]["tokens"] == 2048 and data["kernels"] and data["crossings"]
     assert cli.main([*base, "--tokens", "0"]) == 2
     assert "--tokens must be" in capsys.readouterr().err
+
+
+def test_runner_buffers_are_vllms_input_batch_and_the_runners_own(scenario):
+    cfg = scenario.vllm_config
+    sch, mc = cfg.scheduler_config, cfg.model_config
+    df = census.runner_buffers(scenario).set_index("buffer")
+    assert df.attrs["note"] is None
+    blocks = -(-mc.max_model_len // cfg.cache_config.block_size)
+    bt = df[df.index.str.endswith("block_table.gpu")]
+    assert len(bt) >= 1 and bt.iloc[0]["shape"] == (sch.max_num_seqs, blocks)
+    assert bt.iloc[0]["value_max"] == census.prepare(scenario).num_blocks - 1
+    slots = df[df.index.str.endswith("slot_mapping.gpu")].iloc[0]
+    assert slots["shape"] == (sch.max_num_batched_tokens,)
+    tokens = df.loc["input_batch.token_ids_cpu_tensor"]
+    assert tokens["shape"] == (sch.max_num_seqs, mc.max_model_len) and tokens["device"] == "cpu"
+    assert df.loc["runner.query_start_loc", "shape"] == (sch.max_num_seqs + 1,)
+
+
+def test_known_classes_come_from_the_census_for_a_dense_model(dense):
+    from diaglib.predict import known_issues
+
+    m = known_issues.match(dense).set_index("id")
+    assert m.loc["int32-token-offset", "applies"] and m.loc["int32-token-offset", "threshold_tokens"] == 74_899
+    assert "gate_up_proj" in m.loc["int32-token-offset", "why"]
+    assert m.loc["profile-run-at-budget", "threshold_tokens"] == dense.vllm_config.scheduler_config.max_num_batched_tokens
+    assert not m.loc["moe-grid-limit", "applies"]
