@@ -285,3 +285,16 @@ def test_known_classes_come_from_the_census_for_a_dense_model(dense):
     assert "gate_up_proj" in m.loc["int32-token-offset", "why"]
     assert m.loc["profile-run-at-budget", "threshold_tokens"] == dense.vllm_config.scheduler_config.max_num_batched_tokens
     assert not m.loc["moe-grid-limit", "applies"]
+
+
+def test_launches_name_a_kernel_pattern_for_every_kernel(scenario):
+    import re
+
+    step = census.prefill(2048)
+    lk = census.launches(scenario, step)
+    df = census.ops(scenario, step)
+    kernels = df[~df["runs_as"].isin(["no kernel", "host"]) & (df["kind"] != "vllm op")]
+    assert len(lk) == len(kernels) and lk["match"].map(bool).all()
+    for pattern in lk["match"]:
+        re.compile(pattern)
+    assert lk.loc[lk["runs_as"] == "inductor", "fusion"].notna().all()

@@ -1476,3 +1476,38 @@ def runner_buffers(sc: Scenario) -> pd.DataFrame:
     df = pd.DataFrame(out).sort_values("index_frac", ascending=False, kind="stable").reset_index(drop=True)
     df.attrs["note"] = f"InputBatch not constructed here ({why})" if why else None
     return df
+
+
+# --- what a GPU trace of the step should show ----------------------------------------------------------------
+
+_TRACE_HINTS = (  # (who runs it, a regex for the CUDA kernel names a torch-profiler trace shows for it)
+    ("inductor extern (cuBLAS)", r"gemm|cublas|xmma|cutlass|sm90|nvjet"),
+    ("inductor", r"^triton_"),
+)
+_OP_HINTS = {"collective": r"nccl|allreduce|all_reduce|all_gather|cross_device_reduce|reduce_scatter",
+             "_vllm_fa3_C::fwd": r"flash_fwd|FlashAttn|flash::", "_C::cutlass_scaled_mm": r"cutlass|sm90|gemm",
+             "_C::cutlass_moe_mm": r"cutlass|grouped|gemm"}
+
+
+def launches(sc: Scenario, step: Step) -> pd.DataFrame:
+    """The kernels one step launches on the GPU, in order, for matching against a torch-profiler trace: seq,
+    phase, module, op, runs_as, grid (where the census knows it), match (a regex over CUDA kernel names: the
+    Triton kernel's own name, the custom op's name, ``^triton_`` for what Inductor fuses, cuBLAS/CUTLASS names
+    for GEMMs, NCCL for collectives). Consecutive ops Inductor fuses share one ``fusion`` number (one or more
+    triton_* kernels between two other launches)."""
+    df = ops(sc, step)
+    k = df[~df["runs_as"].isin(["no kernel", "host"]) & (df["kind"] != "vllm op")].copy()
+    match = []
+    for op, kind, runs in zip(k["op"], k["kind"], k["runs_as"]):
+        hint = _OP_HINTS.get(op) or _OP_HINTS.get(kind)
+        if hint is None and kind == "triton":
+            hint = "^" + re.escape(op.split("::", 1)[1]) + "$"
+        if hint is None:
+            hint = next((h for who, h in _TRACE_HINTS if runs == who), None)
+        if hint is None:  # a custom kernel or an eager torch op: its name, as the kernel's name often carries it
+            hint = re.escape(op.split("::", 1)[-1].split(".")[0].strip("_"))
+        match.append(hint)
+    k["match"] = match
+    fused = (k["runs_as"] == "inductor")
+    k["fusion"] = (fused & ~fused.shift(fill_value=False)).cumsum().where(fused)
+    return k[["seq", "phase", "module", "op", "runs_as", "grid", "match", "fusion"]].reset_index(drop=True)
