@@ -313,7 +313,8 @@ def input_batch(cfg, block_sizes: list[int]):
     kw = {"max_num_reqs": sch.max_num_seqs, "max_model_len": mc.max_model_len,
           "max_num_batched_tokens": sch.max_num_batched_tokens, "device": torch.device("cuda"),
           "pin_memory": False, "vocab_size": mc.get_vocab_size(), "block_sizes": block_sizes,
-          "kernel_block_sizes": block_sizes, "is_spec_decode": cfg.speculative_config is not None}
+          "kernel_block_sizes": block_sizes, "is_spec_decode": cfg.speculative_config is not None,
+          "max_num_blocks_per_req": [_cdiv(mc.max_model_len, b) for b in block_sizes]}
     params = inspect.signature(cls.__init__).parameters
     return cls(**{k: v for k, v in kw.items() if k in params})
 
