@@ -1,22 +1,25 @@
 """The kernel census: one forward pass of vLLM's own model for a step of N tokens, every op it runs recorded.
 
-The model is the one vLLM builds for TP rank 0 (diaglib.predict.layers), built privately on the meta device and
-put through vLLM's own ``process_weights_after_loading``; its forward runs eagerly (no Dynamo frame) under vLLM's
-forward context, with the attention metadata the backend's own builder makes for the step, and under two modes
-of the census's own (the only fakes here, both documented in :class:`_ToMeta` and :class:`_Recorder`):
+The model is the one vLLM builds for TP rank 0 (diaglib.predict.layers), built privately on the meta device (up
+to the last layer that is the first of its kind; later layers repeat one) and put through vLLM's own
+``process_weights_after_loading``. Its forward runs eagerly (no Dynamo frame) under vLLM's forward context, with
+the attention metadata the backend's own builder makes for the step, the KV caches the runner would bind, vLLM's
+workspace manager, then the logits and vLLM's sampler. What runs each op (Inductor, a custom kernel, eager torch,
+inside which splitting op) follows from the scenario's resolved compilation config.
 
-- ``_ToMeta`` (a TorchFunctionMode): every tensor vLLM creates on the GPU (``device="cuda"``, ``.cuda()``,
-  ``.to("cuda")``, pinned host memory) is created on the meta device instead; nothing is allocated.
-- ``_Recorder`` (a TorchDispatchMode): records every op with its tensors (shape, dtype, strides, storage
-  offset, element count, largest element offset). vLLM's Python custom ops (``vllm::*``) run their real
-  implementation so that the kernels inside them are recorded too (on failure: their registered fake, and the
-  census says so); ops with a meta or fake implementation run it; vLLM's C++ kernels without one either write
-  into out-arguments (passed through: shapes are preserved) or are shaped by :data:`_NO_META` (each entry cites
-  the kernel source it follows); ``.item()`` on a meta tensor answers 1 and is noted; a copy from a host tensor
-  into a meta one keeps the meta tensor (attention metadata builders upload host values); Triton launches are
-  recorded with their grid and not launched; device housekeeping (``empty_cache``, ``synchronize``) does
-  nothing; collectives of the stand-in parallel groups are recorded (``collective::*``) with the tensor they
-  yield on rank 0, and not run (:class:`_Collectives`).
+The only fakes are the census's own, switched on for a pass and off after it:
+
+- ``_ToMeta`` (a TorchFunctionMode): tensors vLLM creates on the GPU (``device="cuda"``, ``.cuda()``,
+  ``.to("cuda")``, pinned host memory) are created on the meta device; ``.tolist()`` of a meta tensor is 1s.
+- ``_Recorder`` (a TorchDispatchMode) records every op with its tensors (shape, dtype, strides, storage offset,
+  element count, largest index). vLLM's Python custom ops (``vllm::*``) run their real implementation so the
+  kernels inside are recorded too (where that fails, their registered fake stands in and the op says so); ops
+  with a meta or fake implementation run it; C++ kernels without one write their out-arguments (passed through)
+  or are shaped by :data:`_NO_META` (each entry cites the kernel source it follows); ``.item()`` of a meta tensor
+  is 1 (noted); a host-to-meta copy keeps the meta tensor; a meta tensor copied to the host stays on meta.
+- Triton launches record their grid (the launcher's own) and are not launched; device housekeeping
+  (``empty_cache``, ``synchronize``) does nothing; the stand-in parallel groups' collectives are recorded
+  (``collective::*``) with the tensor they yield on rank 0 (:class:`_Collectives`).
 """
 from __future__ import annotations
 
@@ -137,6 +140,10 @@ def _to_meta_mode():
             name = getattr(func, "__name__", "")
             if name == "cuda":
                 return args[0].to(meta)
+            if name == "tolist" and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+                import numpy as np  # the values of a meta tensor: 1 stands in for each, as for .item()
+
+                return np.ones(tuple(args[0].shape), dtype=float if args[0].is_floating_point() else int).tolist()
             if name == "pin_memory":
                 return args[0]
             if name == "to" and any(_is_gpu(a) for a in args[1:]):
@@ -280,6 +287,9 @@ def _recorder_mode(state):
                     if name in _NO_META:
                         out = _NO_META[name](*args, **kwargs)
                         rec.note = "outputs shaped by the census (_NO_META)"
+                    elif name == "aten::_to_copy" and args[0].device.type == "meta":  # meta -> host: stays meta
+                        out = torch.empty_like(args[0], dtype=kwargs.get("dtype") or args[0].dtype, device="meta")
+                        rec.note = "a meta tensor copied to the host stays on meta"
                     else:
                         out = _mutated(func, args, kwargs)
                 except RuntimeError as e:
