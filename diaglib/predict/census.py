@@ -17,7 +17,8 @@ The only fakes are the census's own, switched on for a pass and off after it:
   with a meta or fake implementation run it; C++ kernels without one write their out-arguments (passed through)
   or are shaped by :data:`_NO_META` (each entry cites the kernel source it follows); ``.item()`` of a meta tensor
   is 1 (noted); a host-to-meta copy keeps the meta tensor; a meta tensor copied to the host stays on meta.
-- Triton launches record their grid (the launcher's own) and are not launched; device housekeeping
+- Triton launches record their grid (the launcher's own) and are not launched (an autotuned kernel takes the
+  first of its pruned configs instead of a benchmark, and says so); device housekeeping
   (``empty_cache``, ``synchronize``) does nothing; the stand-in parallel groups' collectives are recorded
   (``collective::*``) with the tensor they yield on rank 0 (:class:`_Collectives`).
 """
@@ -347,6 +348,7 @@ class _State:
         self.launches: list[dict] = []
         self.outputs: list[tuple] = []
         self.phase = "setup"
+        self.autotuned: str | None = None
 
     def module(self) -> str:
         return self.stack[-1] if self.stack else ""
@@ -432,14 +434,33 @@ def _triton_launches(state: _State):
                 rec.scalars[k] = v
         rec.scalars["_n_in"] = len(rec.tensors)
         rec.grid = g
+        rec.note = state.autotuned or ""
         state.ops.append(rec)
         return None
 
+    def tuned(self, *args, **kwargs):  # an autotuned kernel is not benchmarked: the first of its pruned configs
+        self.nargs = dict(zip(self.arg_names, args))
+        config = (self.prune_configs(kwargs) or self.configs)[0]
+        state.autotuned = f"autotuned: grid of its first config {config}"
+        try:
+            return self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            state.autotuned, self.nargs = None, None
+
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:
+        Autotuner = None
+    real_tuned = Autotuner.run if Autotuner is not None else None
     JITFunction.run = run
+    if Autotuner is not None:
+        Autotuner.run = tuned
     try:
         yield
     finally:
         JITFunction.run = real
+        if Autotuner is not None:
+            Autotuner.run = real_tuned
 
 
 class _Collectives:
