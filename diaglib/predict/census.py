@@ -1385,8 +1385,10 @@ def format_text(info: dict) -> str:
     if "crossings" in info and len(info["crossings"]):
         what = "requests (decode)" if info["family"] == "decode" else "tokens per step"
         cr = info["crossings"]
-        parts.append(f"First to cross as {what} grow (formula in N; tokens = the first N over the limit)\n"
-                     + cr[["module", "op", "role", "formula", "limit", "tokens", "layers"]].to_string(index=False))
+        cr = cr.assign(index_per_N=cr["slope"].map("{:,.0f}".format))
+        parts.append(f"First to cross as {what} grow (formula: the tensor's shape in N; index_per_N: how fast its "
+                     "largest index grows, a strided view's stride included; tokens = the first N over the limit)\n"
+                     + cr[["module", "op", "role", "formula", "index_per_N", "tokens", "layers"]].to_string(index=False))
     return "\n\n".join(parts)
 
 
