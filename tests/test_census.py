@@ -199,6 +199,16 @@ def test_census_leaves_the_scenario_as_vllm_resolved_it(scenario):
     assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
     assert forward_context._forward_context is None
     assert census.prepare(scenario).model is not model
+    from diaglib import whatif
+
+    if scenario.simulated:  # a census of a scenario on another GPU leaves the impersonated GPU as it was
+        from diaglib.scenario import load
+
+        cmd, gpu, count = ZOO["moe"]
+        other = load(cmd=cmd, gpu=gpu, gpu_count=count)
+        whatif.activate(scenario.gpu)
+        census.record(other, census.prefill(1024))
+        assert whatif.active_gpu() is scenario.gpu
 
 
 def test_what_runs_each_op_follows_the_compilation_config(scenario):

@@ -36,7 +36,7 @@ import traceback
 
 import pandas as pd
 
-from .. import compat
+from .. import compat, whatif
 from ..errors import DiagError
 from ..scenario import Scenario
 from . import layers
@@ -515,9 +515,14 @@ def _env(sc: Scenario, cfg, state: _State, model=None):
     from vllm.config import set_current_vllm_config
 
     hooks = _module_hooks(state, model) if model is not None else contextlib.nullcontext()
-    with layers.rank0(sc), _stand_in_collectives(state), set_current_vllm_config(cfg), _no_device_calls(), \
-            _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
-        yield
+    gpu = whatif.active_gpu()  # rank0 impersonates the scenario's GPU; whoever was impersonated before comes back
+    try:
+        with layers.rank0(sc), _stand_in_collectives(state), set_current_vllm_config(cfg), _no_device_calls(), \
+                _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
+            yield
+    finally:
+        if gpu is not None and whatif.active_gpu() is not gpu:
+            whatif.activate(gpu)
 
 
 # --- the census's model and one recorded pass ----------------------------------------------------------
