@@ -515,14 +515,24 @@ def _env(sc: Scenario, cfg, state: _State, model=None):
     from vllm.config import set_current_vllm_config
 
     hooks = _module_hooks(state, model) if model is not None else contextlib.nullcontext()
-    gpu = whatif.active_gpu()  # rank0 impersonates the scenario's GPU; whoever was impersonated before comes back
-    try:
-        with layers.rank0(sc), _stand_in_collectives(state), set_current_vllm_config(cfg), _no_device_calls(), \
-                _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
-            yield
-    finally:
-        if gpu is not None and whatif.active_gpu() is not gpu:
-            whatif.activate(gpu)
+    with layers.rank0(sc), _stand_in_collectives(state), set_current_vllm_config(cfg), _no_device_calls(), \
+            _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
+        yield
+
+
+def _keeping_gpu(fn):
+    """The census answers for the scenario's GPU (layers.rank0 impersonates it); the GPU impersonated before
+    comes back after."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        gpu = whatif.active_gpu()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if gpu is not None and whatif.active_gpu() is not gpu:
+                whatif.activate(gpu)
+
+    return wrapper
 
 
 # --- the census's model and one recorded pass ----------------------------------------------------------
@@ -630,6 +640,7 @@ def _kv_blocks(sc: Scenario, notes: list) -> int:
     return n
 
 
+@_keeping_gpu
 def prepare(sc: Scenario) -> _Prepared:
     """The census's model for this scenario (cached): built on meta up to the last layer that is the first of its
     kind, weights processed as vLLM's loader does, KV caches of vLLM's block count bound to every attention
@@ -845,6 +856,7 @@ def _expand(items: list, reps: dict, module_of, rename) -> list:
     return out
 
 
+@_keeping_gpu
 def record(sc: Scenario, step: Step) -> Pass:
     """One forward pass of the scenario's model for ``step``, every op recorded (cached per scenario and step)."""
     key = (id(sc), step)
@@ -1177,6 +1189,7 @@ def _confirmed(sc: Scenario, family: str, key, n: int, limit: int) -> bool:
     return below is not None and above is not None and below[1] <= limit < above[1]
 
 
+@_keeping_gpu
 def thresholds(sc: Scenario, family: str = "prefill") -> pd.DataFrame:
     """Every per-step tensor and launch grid of every kernel against its limit as N grows, one row per op site
     (layers that repeat a built layer share its rows: ``layers`` counts them).
@@ -1469,6 +1482,7 @@ _VALUE_BOUNDS = (
 )
 
 
+@_keeping_gpu
 def runner_buffers(sc: Scenario) -> pd.DataFrame:
     """The model runner's persistent tensors sized from max_num_batched_tokens, max_num_seqs, max_model_len and
     the KV block count, with their index headroom and the headroom of the values they hold.
