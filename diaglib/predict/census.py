@@ -19,7 +19,8 @@ The only fakes are the census's own, switched on for a pass and off after it:
   is 1 (noted); a host-to-meta copy keeps the meta tensor; a meta tensor copied to the host stays on meta.
 - Triton launches record their grid (the launcher's own) and are not launched (an autotuned kernel takes the
   first of its pruned configs instead of a benchmark, and says so); device housekeeping
-  (``empty_cache``, ``synchronize``) does nothing; the stand-in parallel groups' collectives are recorded
+  (``empty_cache``, ``synchronize``) does nothing; FlashInfer's JIT builds are switched off (its own
+  FLASHINFER_DISABLE_JIT: what it would compile is reported as not traced); the stand-in groups' collectives are recorded
   (``collective::*``) with the tensor they yield on rank 0 (:class:`_Collectives`).
 """
 from __future__ import annotations
@@ -516,8 +517,24 @@ def _env(sc: Scenario, cfg, state: _State, model=None):
 
     hooks = _module_hooks(state, model) if model is not None else contextlib.nullcontext()
     with layers.rank0(sc), _stand_in_collectives(state), set_current_vllm_config(cfg), _no_device_calls(), \
-            _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
+            _no_jit_builds(), _to_meta_mode(), _triton_launches(state), hooks, _recorder_mode(state):
         yield
+
+
+@contextlib.contextmanager
+def _no_jit_builds():
+    """FlashInfer compiles some kernels with nvcc on first use: not here (its own switch, restored after)."""
+    import os
+
+    before = os.environ.get("FLASHINFER_DISABLE_JIT")
+    os.environ["FLASHINFER_DISABLE_JIT"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FLASHINFER_DISABLE_JIT", None)
+        else:
+            os.environ["FLASHINFER_DISABLE_JIT"] = before
 
 
 def _keeping_gpu(fn):
