@@ -294,7 +294,8 @@ def test_known_classes_come_from_the_census_for_a_dense_model(dense):
     m = _needs("the known-issue match", lambda: known_issues.match(dense)).set_index("id")
     assert m.loc["int32-token-offset", "applies"] and m.loc["int32-token-offset", "threshold_tokens"] == 74_899
     assert "gate_up_proj" in m.loc["int32-token-offset", "why"]
-    assert m.loc["profile-run-at-budget", "threshold_tokens"] == dense.vllm_config.scheduler_config.max_num_batched_tokens
+    budget = dense.vllm_config.scheduler_config.max_num_batched_tokens
+    assert m.loc["profile-run-at-budget", "threshold_tokens"] == budget
     assert not m.loc["moe-grid-limit", "applies"]
 
 

@@ -20,7 +20,8 @@ The only fakes are the census's own, switched on for a pass and off after it:
 - Triton launches record their grid (the launcher's own) and are not launched (an autotuned kernel takes the
   first of its pruned configs instead of a benchmark, and says so); device housekeeping
   (``empty_cache``, ``synchronize``) does nothing; FlashInfer's JIT builds are switched off (its own
-  FLASHINFER_DISABLE_JIT: what it would compile is reported as not traced); the stand-in groups' collectives are recorded
+  FLASHINFER_DISABLE_JIT: what it would compile is reported as not traced); the stand-in groups' collectives are
+  recorded
   (``collective::*``) with the tensor they yield on rank 0 (:class:`_Collectives`).
 """
 from __future__ import annotations
@@ -1215,7 +1216,8 @@ def thresholds(sc: Scenario, family: str = "prefill") -> pd.DataFrame:
     on a third (``affine``). Columns: family, phase, module, layers, op, runs_as, role, io, dtype, formula (the
     shape, e.g. ``N x 28672``), slope and const of its index_max (or of the grid dimension), limit, tokens (the
     smallest N at which an index into it from its data pointer passes the limit; 1: over at every N; None:
-    never, or a shape that is not affine whose crossing no pass confirmed), affine, tokens_alloc (the same for its largest offset into its allocation, which differs for views
+    never, or a shape that is not affine whose crossing no pass confirmed), affine, tokens_alloc (the same for
+    its largest offset into its allocation, which differs for views
     into a shared workspace), source."""
     p = prepare(sc)
     xs, vals, passes = _fits(sc, family)
@@ -1416,14 +1418,16 @@ def format_text(info: dict) -> str:
                                                                                 else f"{v:.2e}"))
     parts.append("Model runner buffers, largest first (index_frac: largest index / (2^31 - 1); value_frac: the "
                  "largest value held / its dtype's largest)\n"
-                 + rb[["buffer", "shape", "dtype", "device", "index_frac", "holds", "value_frac"]].to_string(index=False))
+                 + rb[["buffer", "shape", "dtype", "device", "index_frac", "holds", "value_frac"]]
+                 .to_string(index=False))
     if "crossings" in info and len(info["crossings"]):
         what = "requests (decode)" if info["family"] == "decode" else "tokens per step"
         cr = info["crossings"]
         cr = cr.assign(index_per_N=cr["slope"].map("{:,.0f}".format))
         parts.append(f"First to cross as {what} grow (formula: the tensor's shape in N; index_per_N: how fast its "
                      "largest index grows, a strided view's stride included; tokens = the first N over the limit)\n"
-                     + cr[["module", "op", "role", "formula", "index_per_N", "tokens", "layers"]].to_string(index=False))
+                     + cr[["module", "op", "role", "formula", "index_per_N", "tokens", "layers"]]
+                     .to_string(index=False))
     return "\n\n".join(parts)
 
 
