@@ -124,6 +124,8 @@ def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):
     """A layer's KV cache as the model runner lays it out: the backend's shape in its stride order (meta)."""
     import torch
 
+    if hasattr(spec, "shapes") and hasattr(spec, "dtypes"):
+        return _state_tensors(spec, num_blocks)
     if not hasattr(backend, "get_kv_cache_shape"):
         from .detect import VllmApiMissing
 
@@ -138,6 +140,24 @@ def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):
         order = tuple(range(len(shape)))
     phys = torch.empty(tuple(shape[i] for i in order), dtype=spec.dtype, device="meta")
     return phys.permute(*[order.index(i) for i in range(len(order))])
+
+
+def _state_tensors(spec, num_blocks: int) -> list:
+    """A state-space (mamba / linear-attention) layer's cache as the model runner lays it out: one page of
+    page_size_bytes per block, each state a strided view into it (derived: GPUModelRunner's
+    _reshape_kv_cache_tensors, MambaSpec branch)."""
+    import torch
+
+    raw = torch.empty(num_blocks * spec.page_size_bytes, dtype=torch.int8, device="meta")
+    out, offset = [], 0
+    for shape, dtype in zip(spec.shapes, spec.dtypes):
+        size = torch.empty((), dtype=dtype).element_size()
+        target = (num_blocks, *shape)
+        stride = torch.empty(target, device="meta").stride()
+        out.append(torch.as_strided(raw.view(dtype), size=target, stride=(spec.page_size_bytes // size, *stride[1:]),
+                                    storage_offset=offset // size))
+        offset += stride[0] * size
+    return out
 
 
 def _takes_obj(fn, param: str) -> bool:

@@ -709,7 +709,8 @@ def prepare(sc: Scenario) -> _Prepared:
                 kv = None
             if kv is not None:
                 compat.bind_kv_cache(layer, kv)
-                storages[kv.untyped_storage()._cdata] = "kv cache"
+                for t in (kv if isinstance(kv, list) else [kv]):
+                    storages[t.untyped_storage()._cdata] = "kv cache"
         groups.setdefault((backend, spec), []).append(name)
     notes += [f"KV cache not laid out here ({why}): attention runs with the shapes its fake implementation sees"
               for why in sorted(unbound)]
