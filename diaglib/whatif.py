@@ -155,6 +155,9 @@ def _patch_torch() -> None:
     torch.cuda.get_device_capability = lambda device=None: tuple(_active.capability)
     torch.cuda.get_device_name = lambda device=None: _active.name
     torch.cuda.get_device_properties = lambda device=None: _Props(_active)
+    torch.cuda.current_device = lambda: 0
+    if hasattr(torch, "accelerator"):  # torch >= 2.6 asks the accelerator API (vLLM's sampler does)
+        torch.accelerator.current_device_index = lambda: 0
 
 
 # --- 4. host memory -------------------------------------------------------------------------------

@@ -79,25 +79,37 @@ def build_model(sc: Scenario):
     hit = _models.get(id(sc))
     if hit is not None and hit[0] is sc:
         return hit[1]
+    model = new_model(sc)[0]
+    if len(_models) >= _MAX_MODELS:
+        _models.pop(next(iter(_models)))
+    _models[id(sc)] = (sc, model)
+    return model
+
+
+def new_model(sc: Scenario, vllm_config=None):
+    """A fresh, uncached build of the scenario's model (or of ``vllm_config``, a private variant of the
+    scenario's config), with the layer registries its layers registered in.
+
+    Layers register themselves in the config's static forward context (a name may register once); the meta
+    model gets registries of its own so the config stays as vLLM resolved it. Returns (model, {registry name:
+    registry})."""
+    from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import initialize_model
 
-    # Layers register themselves in the config's static forward context (a name may register once);
-    # the meta model gets registries of its own so the scenario's config stays as vLLM resolved it.
-    cc = sc.vllm_config.compilation_config
+    cfg = vllm_config or sc.vllm_config
+    cc = cfg.compilation_config
     registries = [n for n in ("static_forward_context", "static_all_moe_layers") if hasattr(cc, n)]
     saved = {n: getattr(cc, n) for n in registries}
     for n in registries:
         setattr(cc, n, type(saved[n])())
     try:
-        with rank0(sc):
-            model = initialize_model(vllm_config=sc.vllm_config)
+        with rank0(sc), set_current_vllm_config(cfg):
+            model = initialize_model(vllm_config=cfg)
+        own = {n: getattr(cc, n) for n in registries}
     finally:
         for n in registries:
             setattr(cc, n, saved[n])
-    if len(_models) >= _MAX_MODELS:
-        _models.pop(next(iter(_models)))
-    _models[id(sc)] = (sc, model)
-    return model
+    return model, own
 
 
 def moe_layers(sc: Scenario) -> list[tuple[str, object]]:

@@ -126,3 +126,44 @@ def matrix(root: Path = MATRIX) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     df["release"] = df["vllm"].map(lambda v: tuple(int(x) for x in v.split(".")))
     return df.sort_values(["release", "gpu", "tokens"]).drop(columns="release").reset_index(drop=True)
+
+
+FEATURES = {  # row label -> how to read it off one release's rows of :func:`matrix` (GPU fixed)
+    "compile mode": lambda r: r["compile_mode"].iloc[0],
+    "CUDA-graph mode (config)": lambda r: r["cudagraph_mode_config"].iloc[0],
+    "scheduler": lambda r: f"{r['scheduler'].iloc[0]}{' (async)' if r['async_scheduling'].iloc[0] else ''}",
+    "attention": lambda r: r["attention"].iloc[0],
+    "MoE backend": lambda r: r["moe_backend"].iloc[0],
+    **{f"step {n}: graph, compiled": (lambda r, n=n: _step(r, n, "cudagraph", "compiled")) for n in (8191, 8192)},
+    **{f"step {n}: MoE experts": (lambda r, n=n: _step(r, n, "moe_experts")) for n in (8191, 8192)},
+    "step 8193": lambda r: _step(r, 8193, "note") or _step(r, 8193, "cudagraph", "compiled"),
+}
+
+
+def _step(rows: pd.DataFrame, tokens: int, *cols: str) -> str | None:
+    hit = rows[rows["tokens"] == tokens]
+    if hit.empty:
+        return None
+    vals = [hit[c].iloc[0] for c in cols]
+    return ", ".join(str(v) for v in vals if v is not None and v == v) or None
+
+
+def release_features(df: pd.DataFrame, gpu: str = "NVIDIA H200") -> pd.DataFrame:
+    """One row per feature, one column per release (oldest first): what the seed's command gets on ``gpu``."""
+    df = df[df["gpu"] == gpu]
+    releases = list(dict.fromkeys(df["vllm"]))
+    table = {v: {f: (None if rows["error"].notna().any() else read(rows))
+                 for f, read in FEATURES.items()} for v, rows in ((v, df[df["vllm"] == v]) for v in releases)}
+    return pd.DataFrame(table, index=list(FEATURES))
+
+
+def changes(features: pd.DataFrame) -> pd.DataFrame:
+    """Where each feature changed from one release to the next: feature, release, before, after."""
+    rows = []
+    for f, vals in features.iterrows():
+        prev = None
+        for v, val in vals.items():
+            if prev is not None and val != prev[1]:
+                rows.append({"feature": f, "from": prev[0], "to": v, "before": prev[1], "after": val})
+            prev = (v, val)
+    return pd.DataFrame(rows, columns=["feature", "from", "to", "before", "after"])
