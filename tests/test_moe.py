@@ -262,7 +262,7 @@ def dense(tmp_path_factory):
 
 # --- the zoo's MoE quantizations, on sm90 and sm100 -------------------------------------------------------
 
-@pytest.fixture(scope="module", params=[(n, g) for n in moe_models.MOE_ZOO for g in moe_models.GPUS],
+@pytest.fixture(scope="module", params=[(n, g) for g in moe_models.GPUS for n in moe_models.MOE_ZOO],
                 ids=lambda p: f"{p[0]}-{p[1].split()[1]}")
 def zoo(request):
     name, gpu = request.param

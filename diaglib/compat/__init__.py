@@ -52,6 +52,7 @@ from .moe import (
     moe_layer_class,
     moe_selection,
     triton_config_dtype,
+    triton_config_lookup,
     triton_experts,
     triton_runs_layer,
 )

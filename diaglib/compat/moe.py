@@ -285,7 +285,8 @@ def _built(build, layer, what: str) -> dict:
         with _untouched(layer):
             return {"object": build()}
     except _BUILD_ERRORS as e:
-        return {"note": f"vLLM's {what} cannot be built on the meta device here: {_one_line(e)}"}
+        return {"note": f"vLLM's {what} cannot be built before weights are loaded (on the meta model): "
+                        f"{_one_line(e)}"}
 
 
 def _one_line(e: BaseException) -> str:
@@ -405,13 +406,30 @@ def triton_config_dtype(experts, act_dtype) -> str | None:
 
 
 def triton_runs_layer(layer) -> bool:
-    """Whether vLLM's Triton fused-MoE kernel takes this layer's weights: unquantized, or a config dtype it tunes."""
-    if layer.w13_weight.dtype == in_dtype(layer):
+    """Whether vLLM's Triton fused-MoE kernel takes this layer's weights: selected, unquantized, or quantized in
+    a form it has tuned configs for."""
+    if layer.w13_weight.dtype == in_dtype(layer) or moe_selection(layer)["experts"] == "TritonExperts":
         return True
     try:
         return triton_config_dtype(triton_experts(layer), in_dtype(layer)) is not None
     except (VllmApiMissing, AssertionError, AttributeError, RuntimeError, TypeError, ValueError):
         return False
+
+
+_lookup_gpu: list[str | None] = [None]  # the GPU whose names and config files vLLM's lookup caches hold
+
+
+def triton_config_lookup(gpu_name: str):
+    """vllm...fused_moe.fused_moe, its cached lookups (get_moe_configs, and from 0.2x the device file name)
+    emptied when the what-if GPU changed since the last lookup: vLLM caches them once per process."""
+    fm = fused_moe_module()
+    if _lookup_gpu[0] != gpu_name:
+        for name in ("get_moe_configs", "get_device_name_as_file_name"):
+            clear = getattr(getattr(fm, name, None), "cache_clear", None)
+            if clear is not None:
+                clear()
+        _lookup_gpu[0] = gpu_name
+    return fm
 
 
 def fused_moe_launcher():

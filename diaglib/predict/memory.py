@@ -47,15 +47,18 @@ def component_of(name: str, module=None) -> str:
 
 
 def _owned(model, kind: str):
-    """(name, tensor, owning module) for every parameter or buffer of the model, each once (first owner)."""
-    seen = set()
+    """(name, tensor, owning module) for every parameter or buffer of the model, each once: a tensor vLLM
+    registers on two modules (e.g. a router bias on the gate and the MoE layer) belongs to the non-MoE one."""
+    moe_cls = compat.moe_layer_class()
+    owners: dict[int, tuple[str, object, object]] = {}
     for mod_name, mod in model.named_modules():
         items = mod._parameters if kind == "parameters" else mod._buffers
         for n, t in items.items():
-            if t is None or id(t) in seen:
+            if t is None:
                 continue
-            seen.add(id(t))
-            yield f"{mod_name}.{n}" if mod_name else n, t, mod
+            if id(t) not in owners or isinstance(owners[id(t)][2], moe_cls) and not isinstance(mod, moe_cls):
+                owners[id(t)] = (f"{mod_name}.{n}" if mod_name else n, t, mod)
+    return list(owners.values())
 
 
 def weights_by_component(sc: Scenario) -> pd.DataFrame:

@@ -69,9 +69,6 @@ def _triton(sc: Scenario, layer):
 
 # --- the Triton fused-MoE config --------------------------------------------------------------------
 
-_lookup_gpu: list[str | None] = [None]  # the GPU whose config files vLLM's lru_cache holds
-
-
 def triton_configs(sc: Scenario, counts) -> list[dict]:
     """The fused-MoE Triton config vLLM would pick for each M in ``counts`` on this GPU: file, key, values.
 
@@ -86,15 +83,12 @@ def triton_configs(sc: Scenario, counts) -> list[dict]:
             "torch.", "")
         return [{"applies": False, "file": None, "found": False, "path": None, "keys": [], "key": None,
                  "source": why, "config": {}, "dtype": None} for _ in counts]
-    fm = compat.fused_moe_module()
     with layers.rank0(sc):
+        fm = compat.triton_config_lookup(sc.gpu.name)
         experts = compat.triton_experts(layer)
         dtype = compat.triton_config_dtype(experts, compat.in_dtype(layer))
         E, _, N = layer.w2_weight.shape
         block = getattr(experts, "block_shape", None)
-        if _lookup_gpu[0] != sc.gpu.name and hasattr(fm.get_moe_configs, "cache_clear"):
-            fm.get_moe_configs.cache_clear()  # cached per (E, N, dtype), not per GPU name
-            _lookup_gpu[0] = sc.gpu.name
         file_name = fm.get_config_file_name(E, N, dtype, block)
         configs = fm.get_moe_configs(E, N, dtype, *(block or [None, None]))
         picked = [fm.try_get_optimal_moe_config(tuple(layer.w13_weight.shape), tuple(layer.w2_weight.shape),
