@@ -39,7 +39,7 @@ def _vllm_workspaces(experts, layer, m):
     N, K = layer.w13_weight.shape[1], layer.hidden_size
     args = (N, K, layer.top_k, layer.global_num_experts, layer.local_num_experts, None)
     if "aq" in params:
-        a = torch.empty(m, K, dtype=layer.quant_method.moe.in_dtype, device="meta")
+        a = torch.empty(m, K, dtype=compat.in_dtype(layer), device="meta")
         return experts.workspace_shapes(a, a, m, *args)[:3]
     return experts.workspace_shapes(m, *args, *((layer.activation,) if "activation" in params else ()))[:3]
 

@@ -58,14 +58,20 @@ def moe_layer_class() -> type:
                          f"{_FM}.layer:FusedMoE as a class)")
 
 
+def moe_config(layer):
+    """vLLM's FusedMoEConfig of the layer: its quant method's (``moe``), or the layer's own (0.10.0 methods
+    without one)."""
+    return getattr(layer.quant_method, "moe", None) or layer.moe_config
+
+
 def activation(layer):
     """The activation the layer hands its experts (a string up to 0.16, MoEActivation from 0.17)."""
-    return getattr(layer, "activation", None) or getattr(layer.quant_method.moe, "activation", "silu")
+    return getattr(layer, "activation", None) or getattr(moe_config(layer), "activation", "silu")
 
 
 def in_dtype(layer):
     """The activation dtype the MoE layer receives (vLLM's FusedMoEConfig.in_dtype)."""
-    return layer.quant_method.moe.in_dtype
+    return moe_config(layer).in_dtype
 
 
 # --- building vLLM's objects with the arguments they name ---------------------------------------------
@@ -95,9 +101,9 @@ def _untouched(layer):
             del layer._parameters[name]
 
 
-def _meta_moe_config(qm):
-    """The method's FusedMoEConfig with its device on meta (experts allocate small tensors on it)."""
-    moe = qm.moe
+def _meta_moe_config(layer):
+    """The layer's FusedMoEConfig with its device on meta (experts allocate small tensors on it)."""
+    moe = moe_config(layer)
     if dataclasses.is_dataclass(moe) and "device" in {f.name for f in dataclasses.fields(moe)}:
         import torch
 
@@ -147,7 +153,7 @@ def _pool(layer, qc) -> dict:
         t = getattr(qm, name, None)
         return t if t is not None else torch.full((E,), value, dtype=torch.int64, device="meta")
 
-    moe = _meta_moe_config(qm)
+    moe = _meta_moe_config(layer)
     pool = {"moe_config": moe, "moe": moe, "quant_config": qc, "moe_quant_config": qc, "layer": layer,
             "out_dtype": in_dtype(layer), "e": E, "n": N, "k": K, "device": torch.device("meta"),
             "max_experts_per_worker": E, "use_fp8_w8a8": fp8, "use_int8_w8a8": False, "use_int8_w8a16": False,
@@ -192,7 +198,8 @@ def _kernel_builder(qm):
 # Function era (up to 0.13): the first flag set on the method names what its apply() calls: (flag, backend,
 # experts class built / function called, whether it is a modular experts class, vLLM's shape check at M).
 # Order and calls read off apply() in quantization/{fp8,modelopt,mxfp4}.py, compressed_tensors_moe.py and
-# fused_moe/layer.py (UnquantizedFusedMoEMethod) of 0.10.1.1 and 0.13.0.
+# fused_moe/layer.py (UnquantizedFusedMoEMethod) of 0.10.1.1 and 0.13.0; 0.10.0 has a CUTLASS-only method
+# (CompressedTensorsW8A8Fp8MoECutlassMethod: is_fp8_w8a8_sm100, no use_cutlass flag).
 _LEGACY_RULES = (
     ("rocm_aiter_moe_enabled", "ROCm AITER (rocm_aiter_fused_experts)", "rocm_aiter_fused_experts", False, None),
     ("use_cutlass", "CUTLASS FP8 (cutlass_moe_fp8)", "CutlassExpertsFp8", True, None),
@@ -214,6 +221,8 @@ def _legacy_selection(layer) -> dict:
     qm = layer.quant_method
     for flag, backend, experts, modular, check in _LEGACY_RULES:
         value = getattr(qm, flag, None)
+        if flag == "use_cutlass" and not hasattr(qm, flag):  # 0.10.0: a CUTLASS-only method, no flag
+            value = hasattr(qm, "is_fp8_w8a8_sm100")
         if value:
             out = {"backend": backend.format(getattr(value, "name", value)), "experts": experts,
                    "modular": modular, "check": check}
