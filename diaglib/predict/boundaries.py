@@ -54,8 +54,8 @@ def feature_value(sc: Scenario, feature: str, n: int):
     if feature.startswith("int32:"):
         path, buffer = feature[6:].split(".", 1)
         df = moe.buffers(sc, n)
-        row = df[(df["path"] == path) & (df["buffer"] == buffer)].iloc[0]
-        return "over INT32_MAX" if row["max_offset"] > moe.INT32_MAX else "fits int32"
+        row = df[(df["path"] == path) & (df["buffer"] == buffer)]  # none: that path is not selected at n
+        return "over INT32_MAX" if len(row) and row.iloc[0]["max_offset"] > moe.INT32_MAX else "fits int32"
     if feature == "prefill_chunks":  # derived: the scheduler grants at most max_num_batched_tokens per step
         return _cdiv(n, mnbt)
     if feature == "kv_blocks":  # derived: blocks of block_size tokens

@@ -399,14 +399,12 @@ def int32_thresholds(sc: Scenario, upto: int = 2**24) -> pd.DataFrame:
     Found by bisection over M evaluating ``buffers`` (vLLM's own sizing) at each probe; None where it never
     crosses below ``upto`` tokens (e.g. buffers capped by activation chunking).
     """
-    base = buffers(sc, 1)
-    keys = list(zip(base["path"], base["buffer"]))
-
     def offset(M):
         df = buffers(sc, M)
         return dict(zip(zip(df["path"], df["buffer"]), df["max_offset"]))
 
     top = offset(upto)
+    keys = list(dict.fromkeys([*offset(1), *top]))  # the selected path may change with M (sm100 small-batch)
     rows = []
     for key in keys:
         if top.get(key, 0) <= INT32_MAX:
@@ -415,7 +413,7 @@ def int32_thresholds(sc: Scenario, upto: int = 2**24) -> pd.DataFrame:
         lo, hi = 1, upto  # offset(lo) <= INT32_MAX < offset(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if offset(mid)[key] <= INT32_MAX else (lo, mid)
+            lo, hi = (mid, hi) if offset(mid).get(key, 0) <= INT32_MAX else (lo, mid)
         rows.append({"path": key[0], "buffer": key[1], "tokens": hi})
     return pd.DataFrame(rows)
 
