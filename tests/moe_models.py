@@ -67,3 +67,14 @@ def moe_layer(sc):
                     f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     assert layer is not None, "a zoo MoE model without MoE layers"
     return layer
+
+
+def tiny(gpu: str):
+    """The small GLM-4.6-layout FP8 model (data/models/tiny-glm-fp8) at TP 1 on ``gpu``, 8192-token budget."""
+    key = ("tiny", gpu)
+    if key not in _cache:
+        from diaglib.scenario import load
+
+        _cache[key] = load(cmd=f"vllm serve {DATA / 'models' / 'tiny-glm-fp8'} --enable-chunked-prefill "
+                               "--max-num-batched-tokens 8192", gpu=gpu, gpu_count=1)
+    return _cache[key]

@@ -321,3 +321,15 @@ def test_zoo_moe_weights_are_vllms_parameters(zoo):
     df = moe.weights(sc).set_index("name")
     for n, p in layer.named_parameters():
         assert df.loc[n, "shape"] == tuple(p.shape) and df.loc[n, "dtype"] == str(p.dtype).removeprefix("torch.")
+
+
+def test_sm100_small_batch_triton_fallback_and_its_thresholds():
+    """CUTLASS FP8 on sm100 hands steps of at most 8 tokens to Triton (vLLM's fallback); the int32 scan covers
+    the CUTLASS buffers that only exist above it."""
+    sc = moe_models.tiny("NVIDIA B200")
+    assert [moe.selected(sc, n)[0] for n in (8, 9)] == ["TritonExperts", "CutlassExpertsFp8"]
+    th = moe.int32_thresholds(sc).set_index(["path", "buffer"])
+    t = th.loc[("cutlass", "workspace13"), "tokens"]  # listed although absent at M = 1
+    if t is not None and t == t:  # None where activation chunks cap it
+        assert _buf(moe.buffers(sc, int(t)), "cutlass", "workspace13")["max_offset"] > moe.INT32_MAX
+        assert _buf(moe.buffers(sc, int(t) - 1), "cutlass", "workspace13")["max_offset"] <= moe.INT32_MAX
