@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import moe_models
 import pytest
 
 from diaglib import compat
@@ -134,3 +135,16 @@ def test_cli_boundaries_bad_around_exits_2(scenario_name, capsys):
 
     assert main(["boundaries", scenario_name, "--around", "0"]) == 2
     assert "token counts must be positive" in capsys.readouterr().err
+
+
+def test_dense_model_boundaries_answer_without_moe_rows(dense):
+    df = boundaries.boundaries(dense)
+    assert len(df) and not set(df["kind"]) & {"MoE config", "MoE kernel", "MoE chunking", "int32", "grid limit"}
+    assert "classic_moe_overflow_tokens" not in boundaries.summary(dense, df)
+    near = boundaries.around(dense, df=df)
+    assert "moe_largest" not in near.columns
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return moe_models.dense(tmp_path_factory)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
+import moe_models
 import pytest
 
 from diaglib import compat
 from diaglib.errors import DiagError
-from diaglib.predict import known_issues, moe
+from diaglib.predict import known_issues, layers, moe
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +38,10 @@ def test_seed_classes_that_apply(scenario, matched):
 def test_classic_moe_overflow_threshold_and_why(scenario, matched):
     row = matched.loc["moe-triton-int32-offset"]
     assert row["threshold_tokens"] == 52_429
-    assert not row["applies"]  # 0.20.2: int64 offs_token; 0.10.1.1: 32768-token chunks
+    assert not row["applies"]  # budget 8192 < 52,429, and int64 offs_token or activation chunks besides
     assert ("int64" in row["why"]) == moe.offs_token_int64()
-    assert ("chunks of 32768" in row["why"]) == compat._legacy()
+    chunk = moe.triton_chunk_tokens(scenario, 52_429)
+    assert (f"chunks of {chunk} tokens" in row["why"]) == (not moe.offs_token_int64() and chunk < 52_429)
     assert all(link.startswith("https://github.com/vllm-project/vllm/issues/") for link in row["links"])
 
 
@@ -49,7 +51,11 @@ def test_a_larger_budget_brings_the_int32_classes_in(scenario):
     assert big.loc["int32-token-offset", "applies"] and t <= 60000
     df = moe.buffers(scenario, t)
     assert df["max_offset"].max() > moe.INT32_MAX >= moe.buffers(scenario, t - 1)["max_offset"].max()
-    assert big.loc["moe-chunking-inductor", "applies"] == compat._legacy()
+    chunk = compat.moe_chunk_size()
+    layer = layers.build_moe_layer(scenario)
+    with layers.rank0(scenario):
+        chunks = chunk is not None and compat.chunk_tokens(compat.moe_experts(layer, chunk + 1), chunk + 1) <= chunk
+    assert big.loc["moe-chunking-inductor", "applies"] == (chunks and 60000 > chunk)
 
 
 def test_enforce_eager_removes_the_graph_classes(scenario):
@@ -67,3 +73,16 @@ def test_bad_catalog_is_one_clear_error(tmp_path, monkeypatch):
     bad.write_text("{")
     with pytest.raises(DiagError, match="cannot read the known-issue catalog"):
         known_issues.catalog()
+
+
+def test_dense_model_gets_no_moe_classes_said_once(dense):
+    m = known_issues.match(dense).set_index("id")
+    for cid in ("moe-triton-int32-offset", "int32-token-offset", "moe-chunking-inductor", "fp8-block-tp-alignment",
+                "profile-run-at-budget", "moe-grid-limit"):
+        assert m.loc[cid, "why"] == "the model has no MoE layers" and not m.loc[cid, "applies"], cid
+    assert m.loc["exactly-at-budget", "applies"]  # the non-MoE classes still answer
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return moe_models.dense(tmp_path_factory)

@@ -1,6 +1,7 @@
 """The memory layout: exact weights from vLLM's meta-device model, KV sizing from vLLM, estimates labelled."""
 from __future__ import annotations
 
+import moe_models
 import pytest
 
 from diaglib import compat
@@ -105,3 +106,37 @@ def test_cli_memory_bad_gpu_exits_2(scenario_name, capsys):
 
     assert main(["memory", scenario_name, "--gpu", "NVIDIA Z100"]) == 2
     assert "unknown GPU 'NVIDIA Z100'" in capsys.readouterr().err
+
+
+def test_dense_model_memory_answers(dense):
+    info = memory.layout(dense)
+    w = info["weights"].set_index("component")
+    assert not any(c.startswith("MoE") for c in w.index) and "other" not in w.index
+    assert memory.weights_total_bytes(dense) == sum(p.numel() * p.element_size()
+                                                    for p in layers.build_model(dense).parameters()) + \
+        sum(b.numel() * b.element_size() for b in layers.build_model(dense).buffers())
+    assert not info["buffers"]["buffer"].str.startswith("MoE").any()
+    assert "MoE" not in memory.activation_peak_estimate(dense)[1]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return moe_models.dense(tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", list(moe_models.MOE_ZOO))
+@pytest.mark.parametrize("gpu", moe_models.GPUS, ids=lambda g: g.split()[1])
+def test_zoo_weights_are_vllms_meta_model(name, gpu):
+    """weights_total_bytes (what the scheduler's KV sizing can take) is every parameter and buffer of vLLM's model."""
+    sc = moe_models.zoo(name, gpu)
+    moe_models.moe_layer(sc)  # skips where this vLLM cannot build the model here
+    model = layers.build_model(sc)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    w = memory.weights_by_component(sc).set_index("component")
+    assert memory.weights_total_bytes(sc) == total == w["bytes"].sum()
+    moe_layers = [m for _, m in layers.moe_layers(sc)]
+    elsewhere = {id(p) for m in model.modules() if all(m is not x for x in moe_layers)
+                 for p in m.parameters(recurse=False)}  # e.g. a router bias vLLM registers on the gate too
+    assert w.loc["MoE routed experts", "bytes"] == sum(p.numel() * p.element_size() for m in moe_layers
+                                                       for p in m.parameters(recurse=False) if id(p) not in elsewhere)

@@ -11,7 +11,8 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.compile`: compile mode and ranges, capture sizes
 - :mod:`.cudagraphs`: CUDA-graph dispatch and padding
 - :mod:`.scheduling`: the scheduler, its requests and outputs, KV-cache sizing
-- :mod:`.models`: model building, MoE layers and kernels
+- :mod:`.models`: model building
+- :mod:`.moe`: MoE layers, quant methods, experts, workspaces, chunking, Triton config inputs
 - :mod:`.attention`: attention backend selection
 - :mod:`.forward`: one forward pass outside the engine (forward context, attention metadata, dummy run)
 - :mod:`.switches`: kill-switch spellings
@@ -61,15 +62,27 @@ from .forward import (
     splitting_ops,
     workspace,
 )
-from .models import (
+from .models import set_default_torch_dtype
+from .moe import (
+    activation,
+    block_shape,
+    call_named,
+    chunk_tokens,
     cutlass_index_buffers,
     experts_workspaces,
-    moe_backend_of,
+    fused_moe_launcher,
+    fused_moe_module,
+    has_workspaces,
+    in_dtype,
     moe_chunk_size,
     moe_experts,
-    set_default_torch_dtype,
+    moe_experts_at,
+    moe_layer_class,
+    moe_selection,
     triton_config_dtype,
+    triton_config_lookup,
     triton_experts,
+    triton_runs_layer,
 )
 from .parsing import check_prompt_len, flexible_argument_parser, serve_options, serve_parser
 from .releases import CI, REFERENCE, installed, is_verified, supported, venv_python

@@ -57,8 +57,8 @@ def feature_value(sc: Scenario, feature: str, n: int):
     if feature.startswith("int32:"):
         path, buffer = feature[6:].split(".", 1)
         df = moe.buffers(sc, n)
-        row = df[(df["path"] == path) & (df["buffer"] == buffer)].iloc[0]
-        return "over INT32_MAX" if row["max_offset"] > moe.INT32_MAX else "fits int32"
+        row = df[(df["path"] == path) & (df["buffer"] == buffer)]  # none: that path is not selected at n
+        return "over INT32_MAX" if len(row) and row.iloc[0]["max_offset"] > moe.INT32_MAX else "fits int32"
     if feature == "prefill_chunks":  # derived: the scheduler grants at most max_num_batched_tokens per step
         return _cdiv(n, mnbt)
     if feature == "kv_blocks":  # derived: blocks of block_size tokens
@@ -117,7 +117,7 @@ def _step_rows(sc: Scenario, op: int) -> list[dict]:
         return rows
     path = moe.selected(sc, mnbt)[1]
     what_if = "" if path == "triton" else f" (only if the Triton path is forced; selected: {path})"
-    configs = [_config_id(tc) for tc in moe.triton_configs(sc, range(1, mnbt + 1))]
+    configs = [_config_id(tc) for tc in moe.triton_configs(sc, range(1, mnbt + 1))] if moe.triton_applies(sc) else []
     for n, a, b in _changes(configs):
         rows.append(_row("step", n, a, b, "MoE config", f"Triton MoE config {a.split(': ')[-1]} -> "
                          f"{b.split(': ')[-1]}" + what_if, "triton_config", "vLLM try_get_optimal_moe_config", op))
@@ -211,8 +211,9 @@ def around(sc: Scenario, counts=None, df: pd.DataFrame | None = None) -> pd.Data
                        compile=f"{d['compile_kind']} {d['compile_range']}")
             if layer is not None:
                 lb = moe.launches(sc, n)["largest_buffer"]
-                row.update(moe_largest=f"{lb['buffer']} {lb['shape']} {lb['frac_2_31']:.3f} x 2^31",
-                           triton_config=feature_value(sc, "triton_config", n))
+                row.update(moe_largest=f"{lb['buffer']} {lb['shape']} {lb['frac_2_31']:.3f} x 2^31")
+                if moe.triton_applies(sc):
+                    row.update(triton_config=feature_value(sc, "triton_config", n))
         row.update(prompt_chunks=feature_value(sc, "prefill_chunks", n), kv_blocks=feature_value(sc, "kv_blocks", n),
                    prompt=feature_value(sc, "max_model_len", n))
         rows.append(row)
@@ -225,13 +226,14 @@ def summary(sc: Scenario, df: pd.DataFrame) -> dict:
     out = {"operating_point": op, "nearest": df.iloc[0][["axis", "tokens", "kind"]].to_dict() if len(df) else None,
            "census": census.status(sc)}
     if layers.build_moe_layer(sc) is not None:
+        out.update(moe_selected=moe.selected(sc, op)[0], moe_activation_chunk=compat.moe_chunk_size())
+    if layers.build_moe_layer(sc) is not None and moe.triton_applies(sc):
         classic = moe.classic_overflow_tokens(sc)
         grid = moe.grid_thresholds(sc)
         out.update(grid_limit_tokens=None if grid["tokens"].isna().all() else int(grid["tokens"].min()),
                    grid_scanned_up_to=int(grid["scanned_up_to"].max()))
         out.update(classic_moe_overflow_tokens=classic, classic_moe_overflow_distance=classic - op,
-                   classic_moe_overflow_ratio=round(classic / op, 2), offs_token_int64=moe.offs_token_int64(),
-                   moe_activation_chunk=compat.moe_chunk_size())
+                   classic_moe_overflow_ratio=round(classic / op, 2), offs_token_int64=moe.offs_token_int64())
     return out
 
 

@@ -88,13 +88,16 @@ def moe_triton_int32(f: _Facts):
     if f.layer is None:
         return _no_moe(f)
     classic = moe.classic_overflow_tokens(f.sc)
-    chunk = compat.moe_chunk_size()
+    if not moe.triton_applies(f.sc):
+        return False, (f"vLLM's Triton fused-MoE kernel does not run these {f.launches['weight_dtype']} weights "
+                       f"(selected: {f.launches['selected_experts']})"), None
+    chunk = moe.triton_chunk_tokens(f.sc, classic)
     path = f.launches["selected_path"]
     where = "the selected kernel" if path == "triton" else f"only if the Triton path is forced (selected: {path})"
     if moe.offs_token_int64():
         return False, (f"fused_moe_kernel casts offs_token to int64 here; unfixed kernels overflow from "
                        f"M = {classic}"), classic
-    if chunk and chunk < classic:
+    if chunk < classic:
         return False, (f"offs_token is int32 in fused_moe_kernel, but activation chunks of {chunk} tokens keep "
                        f"M below {classic}"), classic
     hit = f.mnbt >= classic
@@ -175,6 +178,12 @@ def moe_chunking(f: _Facts):
         return _no_moe(f)
     if not chunk:
         return False, "this vLLM version has no MoE activation chunking", None
+    with layers.rank0(f.sc):
+        experts = compat.moe_experts(f.layer, chunk + 1)
+        chunks = experts is not None and compat.chunk_tokens(experts, chunk + 1) <= chunk
+    if not chunks:
+        return False, (f"VLLM_FUSED_MOE_CHUNK_SIZE {chunk}, but the selected {f.launches['selected_experts']} "
+                       "does not chunk"), None
     return f.mnbt > chunk, f"VLLM_FUSED_MOE_CHUNK_SIZE {chunk} vs max_num_batched_tokens {f.mnbt}", chunk + 1
 
 
@@ -205,7 +214,7 @@ def chunked_prefill(f: _Facts):
 def fp8_block_alignment(f: _Facts):
     if f.layer is None:
         return _no_moe(f)
-    block = getattr(f.layer.quant_method, "weight_block_size", None)
+    block = compat.block_shape(f.layer)
     if not block:
         return False, "MoE weights are not block-quantized", None
     n = f.layer.intermediate_size_per_partition
@@ -233,9 +242,11 @@ def moe_grid(f: _Facts):
         if f.layer is None:
             return _no_moe(f)
         g = f.launches["grids"]
+        if not len(g):
+            return False, "vLLM's Triton fused-MoE kernel does not run this layer: no Triton grid", None
         worst = g.loc[g["frac_limit"].idxmax()]
         return False, (f"fused_moe_kernel grid at {f.mnbt} tokens: {worst['grid']} ({worst['frac_limit']:.2e} of "
-                       "the x limit; M is not on grid.y in this kernel)"), None
+                       "the limit; M is not on grid.y in this kernel)"), None
     grids = th[th["role"].str.startswith("grid.")]
     if grids.empty:
         return False, "no known launch grid passes CUDA's limits up to the census horizon", None
@@ -255,7 +266,8 @@ def perf_cliff(f: _Facts):
         top = f.comp["max_cudagraph_capture_size"]
         hit |= f.mnbt > top
         why.append(f"no CUDA graph above {top} tokens")
-    if f.layer is not None and f.launches["selected_path"] == "triton" and not f.launches["triton_config"]["found"]:
+    if f.layer is not None and f.launches["selected_path"] == "triton" and f.launches["triton_config"]["applies"] \
+            and not f.launches["triton_config"]["found"]:
         hit = True
         why.append("Triton MoE runs vLLM's default config (no tuned file)")
     return hit, "; ".join(why) or "no cliff found", None

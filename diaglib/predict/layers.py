@@ -113,14 +113,14 @@ def new_model(sc: Scenario, vllm_config=None):
 
 
 def moe_layers(sc: Scenario) -> list[tuple[str, object]]:
-    """(module name, vLLM FusedMoE) for every MoE layer of this rank's model, in order."""
-    from vllm.model_executor.layers.fused_moe import FusedMoE
-
-    return [(n, m) for n, m in build_model(sc).named_modules() if isinstance(m, FusedMoE)]
+    """(module name, vLLM MoE layer) for every MoE layer of this rank's model, in order (the layer class is the
+    one the installed vLLM keeps its experts' weights in: compat.moe_layer_class)."""
+    cls = compat.moe_layer_class()
+    return [(n, m) for n, m in build_model(sc).named_modules() if isinstance(m, cls)]
 
 
 def build_moe_layer(sc: Scenario):
-    """vLLM's FusedMoE of the model's first MoE layer (real quant method, rank-0 shapes), or None."""
+    """vLLM's MoE layer of the model's first MoE layer (real quant method, rank-0 shapes), or None."""
     layers = moe_layers(sc)
     return layers[0][1] if layers else None
 
@@ -133,11 +133,15 @@ def moe_backend(sc: Scenario) -> dict | None:
     name, layer = layers[0]
     qm = layer.quant_method
     with rank0(sc):
-        backend, experts = compat.moe_backend_of(layer)
+        sel = compat.moe_selection(layer)
+        at = compat.moe_experts_at(layer, sc.vllm_config.scheduler_config.max_num_batched_tokens)[0]
+    experts = sel["experts"] + (f" -> {at}" if at != sel["experts"] else "")
     return {
         "method": type(qm).__name__,
-        "backend": backend,
+        "backend": sel["backend"] if "(" in sel["backend"] else f"{sel['backend']} ({experts})",
         "experts": experts,
+        "kind": sel["kind"],
+        "note": sel["note"],
         "first_layer": name,
         "num_moe_layers": len(layers),
         "global_num_experts": layer.global_num_experts,

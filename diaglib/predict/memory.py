@@ -16,16 +16,49 @@ from . import layers, moe
 GiB = 2**30
 NON_TORCH_BYTES = 1 * GiB  # guess: CUDA context extras, NCCL and cuBLAS workspaces outside torch's allocator
 
-_COMPONENTS = (  # (substring of the parameter name, component), first match wins
-    ("embed_tokens", "embedding"), ("lm_head", "lm_head"), (".self_attn.", "attention"),
-    (".mlp.experts.", "MoE routed experts"), (".mlp.shared_experts.", "MoE shared experts"),
-    (".mlp.gate.", "MoE router"), (".mlp.", "dense MLP"), ("norm", "norms"),
+_COMPONENTS = (  # (substring of the module path, component), first match wins, after the module-type rules
+    ("shared_expert", "MoE shared experts"), (".experts.", "MoE routed experts"), ("attn", "attention"),
+    ("attention", "attention"), (".gate.", "MoE router"), (".router.", "MoE router"), ("mlp", "dense MLP"),
+    ("feed_forward", "dense MLP"),
+    ("vision", "vision encoder"), ("visual", "vision encoder"), ("multi_modal", "vision encoder"),
+    ("norm", "norms"),
 )
 
 
-def component_of(name: str) -> str:
-    """The component a parameter of vLLM's model belongs to, by its module path."""
+def component_of(name: str, module=None) -> str:
+    """The component a parameter of vLLM's model belongs to: by the class of the module that owns it
+    (vLLM's MoE layer, embedding, LM head, norm), else by its module path."""
+    if module is not None:
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+        if isinstance(module, compat.moe_layer_class()):
+            return "MoE routed experts"
+        if isinstance(module, ParallelLMHead):
+            return "lm_head"
+        if isinstance(module, VocabParallelEmbedding):
+            return "embedding"
+        if "norm" in type(module).__name__.lower():
+            return "norms"
+    if "embed_tokens" in name:
+        return "embedding"
+    if "lm_head" in name:
+        return "lm_head"
     return next((c for key, c in _COMPONENTS if key in name), "other")
+
+
+def _owned(model, kind: str):
+    """(name, tensor, owning module) for every parameter or buffer of the model, each once: a tensor vLLM
+    registers on two modules (e.g. a router bias on the gate and the MoE layer) belongs to the non-MoE one."""
+    moe_cls = compat.moe_layer_class()
+    owners: dict[int, tuple[str, object, object]] = {}
+    for mod_name, mod in model.named_modules():
+        items = mod._parameters if kind == "parameters" else mod._buffers
+        for n, t in items.items():
+            if t is None:
+                continue
+            if id(t) not in owners or isinstance(owners[id(t)][2], moe_cls) and not isinstance(mod, moe_cls):
+                owners[id(t)] = (f"{mod_name}.{n}" if mod_name else n, t, mod)
+    return list(owners.values())
 
 
 def weights_by_component(sc: Scenario) -> pd.DataFrame:
@@ -34,11 +67,11 @@ def weights_by_component(sc: Scenario) -> pd.DataFrame:
     Columns: component, numel, bytes, GiB, dtypes. Works for any scenario, e.g. a one-rank stand-in at TP 1.
     """
     model = layers.build_model(sc)
-    rows = [{"component": component_of(n), "numel": p.numel(), "bytes": p.numel() * p.element_size(),
-             "dtype": str(p.dtype).removeprefix("torch.")} for n, p in model.named_parameters()]
+    rows = [{"component": component_of(n, m), "numel": p.numel(), "bytes": p.numel() * p.element_size(),
+             "dtype": str(p.dtype).removeprefix("torch.")} for n, p, m in _owned(model, "parameters")]
     rows += [{"component": "buffers (rotary caches etc.)", "numel": b.numel(), "bytes": b.numel() * b.element_size(),
-              "dtype": str(b.dtype).removeprefix("torch.")} for _, b in model.named_buffers()]
-    df = pd.DataFrame(rows)
+              "dtype": str(b.dtype).removeprefix("torch.")} for _, b, _ in _owned(model, "buffers")]
+    df = pd.DataFrame(rows, columns=["component", "numel", "bytes", "dtype"])
     out = df.groupby("component", sort=False).agg(numel=("numel", "sum"), bytes=("bytes", "sum"),
                                                   dtypes=("dtype", lambda s: ", ".join(sorted(set(s)))))
     out = out.sort_values("bytes", ascending=False).reset_index()
@@ -82,7 +115,7 @@ def large_buffers(sc: Scenario, num_tokens: int | None = None) -> pd.DataFrame:
     df["bytes"] = df["numel"] * df["dtype"].map({"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8})
     if layers.build_moe_layer(sc) is not None:
         m = moe.buffers(sc, n)
-        m = m[m["path"].isin(["cutlass", "triton"])]
+        m = m[m["path"].isin([moe.selected(sc, n)[1], "triton"])]
         m = m.assign(buffer="MoE " + m["path"] + "." + m["buffer"])[["buffer", "shape", "dtype", "numel", "bytes",
                                                                        "source"]]
         df = pd.concat([df, m], ignore_index=True)
@@ -105,9 +138,10 @@ def activation_peak_estimate(sc: Scenario) -> tuple[int, str]:
     total = int(buf.loc[parts, "bytes"].sum())
     if layers.build_moe_layer(sc) is not None:
         path = moe.selected(sc, sc.vllm_config.scheduler_config.max_num_batched_tokens)[1]
-        ws = [f"MoE {path}.{b}" for b in ("workspace13", "workspace2", "output", "a1q_permuted")]
-        total += int(buf.loc[[w for w in ws if w in buf.index], "bytes"].sum())
-        parts.append(f"{path} MoE workspaces")
+        ws = [w for w in (f"MoE {path}.{b}" for b in ("workspace13", "workspace2", "output", "a1q_permuted"))
+              if w in buf.index]
+        total += int(buf.loc[ws, "bytes"].sum())
+        parts.append(f"{path} MoE workspaces" if ws else f"{path} MoE workspaces not visible (not counted)")
     return total, "estimate: " + " + ".join(parts)
 
 
