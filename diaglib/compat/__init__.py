@@ -18,7 +18,16 @@ answers are marked unverified, and an API none of the known spellings covers is 
 from .attention import (
     attention_backend,
     attention_backend_class,
+    attention_groups,
+    backend_traits,
+    block_size_set_after_load,
+    config_after_load,
+    cudagraph_support,
+    flash_attn_version,
     fresh_attention_backend,
+    layer_backends,
+    layer_kv_cache_specs,
+    metadata_builder,
 )
 from .compile import (
     capture_sizes_flag,

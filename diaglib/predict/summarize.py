@@ -13,7 +13,10 @@ def summarize(sc: Scenario) -> dict:
     quant = getattr(mc, "quantization", None)
     from vllm.platforms import current_platform as plat
 
+    from . import architecture
     from .layers import moe_backend
+
+    arch = architecture.facts(sc)
 
     return {
         "scenario": sc.name,
@@ -34,8 +37,9 @@ def summarize(sc: Scenario) -> dict:
                      "data_parallel_size": pc.data_parallel_size,
                      "enable_expert_parallel": bool(pc.enable_expert_parallel)},
         "quantization": quant,
-        "attention_backend": compat.attention_backend(cfg),
+        "attention_backend": architecture.attention_summary(arch),
         "moe": moe_backend(sc),
+        "architecture": arch,
     }
 
 
@@ -70,6 +74,10 @@ def format_text(s: dict) -> str:
         ("attention", s["attention_backend"]),
         ("MoE", f"{moe['method']} -> {moe['backend']}" if moe else "no MoE layers"),
     ]
+    if "architecture" in s:
+        from .architecture import format_lines
+
+        rows += format_lines(s["architecture"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
