@@ -74,10 +74,10 @@ def activate(gpu: GpuSpec) -> None:
     memoised answers for the previous one are forgotten)."""
     global _active
     if _active is None:
-        if "vllm" in sys.modules and not _platform_is_ours():
-            raise RuntimeError("diaglib.whatif.activate must run before vLLM is imported")
         if real_gpu_present():
             raise RuntimeError("diaglib.whatif.activate: a real GPU is present; nothing may be faked")
+        if "vllm" in sys.modules and not _platform_is_ours():
+            raise RuntimeError("diaglib.whatif.activate must run before vLLM is imported")
         _load_stub_libcuda()
         _patch_torch()
         _patch_triton()
@@ -150,7 +150,7 @@ def _load_stub_libcuda() -> None:
 # --- 2. vLLM's platform ---------------------------------------------------------------------------
 
 def _install_platform() -> None:
-    import vllm.platforms as platforms
+    from vllm import platforms
     from vllm.platforms.cuda import NonNvmlCudaPlatform
     from vllm.platforms.interface import DeviceCapability
 
@@ -190,7 +190,7 @@ def _install_platform() -> None:
 
 
 def _inspect_models_here() -> None:
-    import vllm.model_executor.models.registry as registry
+    from vllm.model_executor.models import registry
 
     registry._run_in_subprocess = lambda fn: fn()
 

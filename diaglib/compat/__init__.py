@@ -14,6 +14,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.models`: model building, MoE layers and kernels
 - :mod:`.attention`: attention backend selection
 - :mod:`.switches`: kill-switch spellings
+- :mod:`.speculative`: the MTP draft of a checkpoint
 """
 from .attention import (
     attention_backend,
@@ -65,4 +66,5 @@ from .scheduling import (
     runner_output,
     scheduler_summary,
 )
+from .speculative import mtp_draft
 from .switches import kill_switches

@@ -115,9 +115,8 @@ def layer_kv_cache_specs(vllm_config, layers: dict) -> dict:
             if getattr(layer, "kv_sharing_target_layer_name", None):
                 continue
             get = getattr(layer, "get_kv_cache_spec", None)
-            if callable(get):
-                if (spec := get(vllm_config)) is not None:
-                    out[name] = spec
+            if callable(get) and (spec := get(vllm_config)) is not None:
+                out[name] = spec
         if out or not layers:
             return out
         return _runner_kv_cache_specs(vllm_config, layers)
@@ -145,7 +144,7 @@ def config_after_load(vllm_config, layers: dict):
     """A copy of ``vllm_config`` with the KV block size (and mamba page / block sizes) vLLM runs with once
     the model is loaded; ``vllm_config`` is left as resolved.
 
-    Where vLLM's platform has ``update_block_size_for_backend`` (the 0.2x line), its executor calls it after
+    Where vLLM's platform has ``update_block_size_for_backend`` (0.18 on), its executor calls it after
     loading the model: the attention backend's preferred block size, aligned with the mamba page size on
     hybrid models. Earlier releases settle these while resolving the config (the copy is unchanged)."""
     from vllm.platforms import current_platform

@@ -86,7 +86,8 @@ def attention_kinds(sc: Scenario) -> list[dict]:
                "decode_query_len": traits["decode_query_len"], "kernel_block_sizes": traits["kernel_block_sizes"],
                "flash_attn_version": compat.flash_attn_version(ctx[names[0]]), "kv_spec": spec_name}
         row.update({f: _field(spec, f) for f in _SPEC_FIELDS})
-        row.update(state=_state(spec), page_size_bytes=_field(spec, "page_size_bytes"))
+        row.update(state=_state(spec), state_shapes=[list(x) for x in getattr(spec, "shapes", None) or []] or None,
+                   page_size_bytes=_field(spec, "page_size_bytes"))
         rows.append(row)
     return rows
 
@@ -108,12 +109,12 @@ def _state(spec) -> str | None:
 # --- speculative decoding / MTP -------------------------------------------------------------------
 
 def speculative(sc: Scenario) -> dict:
-    """The checkpoint's multi-token-prediction layers and vLLM's speculative config."""
+    """vLLM's speculative config, and the multi-token-prediction draft vLLM would make of this checkpoint's
+    own layers (compat.mtp_draft)."""
     spec = sc.vllm_config.speculative_config
-    text = sc.vllm_config.model_config.hf_text_config
-    mtp = next((getattr(text, k) for k in ("num_nextn_predict_layers", "mtp_num_hidden_layers", "num_mtp_modules")
-                if getattr(text, k, None)), 0)
-    return {"mtp_layers_in_checkpoint": mtp,
+    draft = compat.mtp_draft(sc.vllm_config.model_config.hf_config)
+    return {"mtp_draft": draft[0] if draft else None,
+            "mtp_layers_in_checkpoint": draft[1] if draft else 0,
             "method": getattr(spec, "method", None) if spec else None,
             "num_speculative_tokens": spec.num_speculative_tokens if spec else 0,
             "decode_query_len": compat.uniform_decode_query_len(sc.vllm_config)}
@@ -192,7 +193,9 @@ def linear_methods(sc: Scenario) -> list[dict]:
         qm = getattr(layer, "quant_method", None)
         if not isinstance(layer, LinearBase) or qm is None:
             continue
-        key = (type(qm).__name__, _method_digest(qm))
+        scheme = getattr(layer, "scheme", None)  # compressed-tensors keeps its per-layer scheme on the layer
+        method = type(qm).__name__ + (f" ({type(scheme).__name__})" if scheme is not None else "")
+        key = (method, ", ".join(d for d in (_method_digest(qm), _method_digest(scheme)) if d != "-") or "-")
         row = rows.setdefault(key, {"method": key[0], "kernels": key[1], "layers": 0, "first": name})
         row["layers"] += 1
     return list(rows.values())
@@ -201,7 +204,7 @@ def linear_methods(sc: Scenario) -> list[dict]:
 def _method_digest(qm) -> str:
     """The kernel choices a quantization method holds: kernel objects, switches that are on, backend enums."""
     parts = []
-    for k, v in vars(qm).items():
+    for k, v in (vars(qm) if qm is not None else {}).items():
         if isinstance(v, bool):
             if v and k.startswith("use_"):
                 parts.append(k)
@@ -289,11 +292,11 @@ def format_lines(f: dict) -> list[tuple[str, str]]:
     if s["mtp_layers_in_checkpoint"] or s["method"]:
         rows.append(("speculative", (f"{s['method']} with {s['num_speculative_tokens']} tokens, decode steps of "
                                      f"{s['decode_query_len']} tokens per request" if s["method"] else "off")
-                     + (f"; the checkpoint has {s['mtp_layers_in_checkpoint']} MTP layer(s)"
+                     + (f"; the checkpoint has {s['mtp_layers_in_checkpoint']} MTP layer(s) ({s['mtp_draft']})"
                         + ("" if s["method"] else " (unused without --speculative-config)")
                         if s["mtp_layers_in_checkpoint"] else "")))
     for lm in f["linear_methods"]:
-        if lm["method"] != "UnquantizedLinearMethod":
+        if not lm["method"].startswith("UnquantizedLinearMethod"):
             rows.append(("linear layers", f"{lm['layers']} x {lm['method']}: {lm['kernels']}"))
     q = f["quant_alignment"]
     if q["layers"]:

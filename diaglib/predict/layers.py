@@ -1,8 +1,9 @@
 """vLLM's own model and MoE layers for one tensor-parallel rank, built on the meta device.
 
 The model class vLLM's loader picks is constructed by vLLM's ``initialize_model`` under
-``set_current_vllm_config`` with ``torch.device("meta")``: every parameter has the shape, dtype and
-quantization method that rank 0 of the scenario's TP group would hold, and no memory is allocated.
+``set_current_vllm_config`` on the meta device: every parameter has the shape, dtype and quantization
+method that rank 0 of the scenario's TP group would hold, and no memory is allocated (small integer index
+maps vLLM reads back while building keep values on the CPU: :func:`_meta_device`).
 vLLM's parallel groups are stood in for by vLLM's own ``GroupCoordinator`` class, left uninitialised
 (no process group, no communicator), reporting rank 0 of the scenario's TP / PP / DP sizes. Where vLLM
 refuses to build a layer, the refusal is one line (:class:`BuildRefused`), naming the layer; a size that
@@ -14,8 +15,6 @@ import contextlib
 import re
 import types
 
-import pandas as pd
-
 from .. import compat, whatif
 from ..errors import DiagError
 from ..scenario import Scenario
@@ -23,6 +22,7 @@ from ..scenario import Scenario
 _models: dict[int, tuple[Scenario, object, dict]] = {}
 _MAX_MODELS = 8  # meta-device models kept (one per scenario object), oldest dropped first
 _REFUSALS = (ValueError, NotImplementedError, AssertionError)  # how vLLM's layers refuse a shape
+_depth = 0  # rank0 contexts entered
 
 
 class BuildRefused(DiagError):
@@ -55,7 +55,6 @@ def _group_sizes(vllm_config) -> dict[str, int]:
 @contextlib.contextmanager
 def rank0(sc: Scenario):
     """Inside: vLLM sees rank 0 of the scenario's parallel layout, its VllmConfig, its GPU and the meta device."""
-    import torch
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
 
@@ -65,13 +64,18 @@ def rank0(sc: Scenario):
     for n, size in _group_sizes(sc.vllm_config).items():
         if n in saved:
             setattr(ps, n, _stand_in_group(n.strip("_").lower(), size))
+    global _depth
+    # torch keeps one device context at a time (older releases assert it): a nested rank0 keeps the outer one.
+    device = _meta_device() if not _depth else contextlib.nullcontext()
+    _depth += 1
     try:
         # vLLM's loader builds the model under the model dtype as torch's default dtype (unquantized
         # parameters and the attention backend choice depend on it), so do we.
         with set_current_vllm_config(sc.vllm_config), \
-                compat.set_default_torch_dtype(sc.vllm_config.model_config.dtype), _meta_device():
+                compat.set_default_torch_dtype(sc.vllm_config.model_config.dtype), device:
             yield
     finally:
+        _depth -= 1
         for n, g in saved.items():
             setattr(ps, n, g)
 

@@ -63,13 +63,13 @@ def format_text(s: dict) -> str:
         ("cudagraph mode", c["cudagraph_mode"]),
         ("capture sizes", f"{len(caps)} sizes, max {c['max_cudagraph_capture_size']}: {_runs(caps)}"),
         ("splitting ops", ", ".join(c["splitting_ops"])),
-        ("scheduler", f"{sch['scheduler_cls'].rsplit('.', 1)[-1]}, max_num_batched_tokens {sch['max_num_batched_tokens']}, "
+        ("scheduler", (f"{sch['scheduler_cls'].rsplit('.', 1)[-1]}, max_num_batched_tokens {sch['max_num_batched_tokens']}, "
                       f"max_num_seqs {sch['max_num_seqs']}, chunked prefill {_onoff(sch['chunked_prefill'])}, "
-                      f"async {_onoff(sch['async_scheduling'])}"),
-        ("KV cache", f"block_size {cache['block_size']}, gpu_memory_utilization {cache['gpu_memory_utilization']}, "
-                     f"dtype {cache['kv_cache_dtype']}, prefix caching {_onoff(cache['prefix_caching'])}"),
-        ("parallel", f"TP {par['tensor_parallel_size']}, PP {par['pipeline_parallel_size']}, "
-                     f"DP {par['data_parallel_size']}, EP {_onoff(par['enable_expert_parallel'])}"),
+                      f"async {_onoff(sch['async_scheduling'])}")),
+        ("KV cache", (f"block_size {cache['block_size']}, gpu_memory_utilization {cache['gpu_memory_utilization']}, "
+                     f"dtype {cache['kv_cache_dtype']}, prefix caching {_onoff(cache['prefix_caching'])}")),
+        ("parallel", (f"TP {par['tensor_parallel_size']}, PP {par['pipeline_parallel_size']}, "
+                     f"DP {par['data_parallel_size']}, EP {_onoff(par['enable_expert_parallel'])}")),
         ("quantization", s["quantization"] or "none"),
         ("attention", s["attention_backend"]),
         ("MoE", f"{moe['method']} -> {moe['backend']}" if moe else "no MoE layers"),
