@@ -81,6 +81,15 @@ def cmd_moe(args) -> None:
     _print(args, _records(info), format_text(info))
 
 
+def cmd_kernels(args) -> None:
+    from .predict.census import format_text, step_for, summary
+
+    sc = _load(args)
+    tokens = sc.vllm_config.scheduler_config.max_num_batched_tokens if args.tokens is None else args.tokens
+    info = summary(sc, step_for(sc, tokens, args.reqs, args.decode, args.step))
+    _print(args, _records(info), format_text(info))
+
+
 def cmd_dispatch(args) -> None:
     from .predict.dispatch import dispatch_table
 
@@ -373,6 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     _scenario_args(p)
     p.add_argument("--tokens", type=int, default=None, help="tokens in the step (default: max_num_batched_tokens)")
     p.set_defaults(func=cmd_moe)
+
+    p = sub.add_parser("kernels", help="every kernel of one step of N tokens (vLLM's forward on meta): shapes, who "
+                                       "runs it, int32 and grid headroom, the first to cross as N grows")
+    _scenario_args(p)
+    p.add_argument("--tokens", type=int, default=None, help="tokens in the step (default: max_num_batched_tokens)")
+    p.add_argument("--reqs", type=int, default=None, help="requests sharing them (default 1; with --decode: N)")
+    p.add_argument("--decode", action="store_true", help="a decode batch: every request brings one token")
+    p.add_argument("--step", choices=["mixed", "profile"], help="a mix (reqs - 1 decodes + one prefill chunk) or "
+                   "vLLM's profile run (its dummy requests at --tokens, default the budget, plus the sampler)")
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser("memory", help="predicted per-GPU memory: weights by component, KV cache, large buffers")
     _scenario_args(p)

@@ -13,6 +13,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.scheduling`: the scheduler, its requests and outputs, KV-cache sizing
 - :mod:`.models`: model building, MoE layers and kernels
 - :mod:`.attention`: attention backend selection
+- :mod:`.forward`: one forward pass outside the engine (forward context, attention metadata, dummy run)
 - :mod:`.switches`: kill-switch spellings
 - :mod:`.speculative`: the MTP draft of a checkpoint
 """
@@ -43,6 +44,30 @@ from .cudagraphs import (
     uniform_decode_query_len,
 )
 from .detect import VllmApiMissing
+from .forward import (
+    attention_layers,
+    bind_kv_cache,
+    block_table,
+    build_metadata,
+    common_metadata,
+    compute_logits,
+    custom_ops,
+    device_view,
+    dummy_batch,
+    dummy_sampling_metadata,
+    eager,
+    forward_context,
+    input_batch,
+    kv_cache_tensor,
+    layer_backend,
+    layer_kv_spec,
+    metadata_builder,
+    profile_runs_attention,
+    runner_buffers,
+    sampler,
+    splitting_ops,
+    workspace,
+)
 from .models import (
     cutlass_index_buffers,
     experts_workspaces,

@@ -4,7 +4,8 @@ Three axes are scanned. ``step``: tokens in one forward step, 1..max_num_batched
 padding and mode, compile range, the MoE kernels and the Triton MoE config, the scheduler budget).
 ``prompt``: the length of one prompt, 1..max_model_len (prefill chunks, KV-block multiples,
 max_model_len). ``knob``: token counts per step beyond the budget, reachable only by raising
-max_num_batched_tokens (MoE activation chunks, int32 offsets of MoE buffers). Each row's ``feature`` can
+max_num_batched_tokens (MoE activation chunks, int32 offsets of MoE buffers, and every op of the kernel
+census: diaglib.predict.census). Each row's ``feature`` can
 be evaluated on either side with :func:`feature_value`, which asks vLLM (dispatch, MoE lookups, the
 prompt-length check) or, where marked ``derived``, applies a rule read off vLLM's code.
 Rows are ranked by distance from the operating point (max_num_batched_tokens).
@@ -16,7 +17,7 @@ import pandas as pd
 from .. import compat
 from ..errors import DiagError
 from ..scenario import Scenario
-from . import layers, moe
+from . import census, layers, moe
 from .dispatch import dispatch
 
 BLOCK_WINDOW = 2  # KV-block edges listed on each side of the operating point
@@ -49,6 +50,8 @@ def feature_value(sc: Scenario, feature: str, n: int):
     if feature == "moe_chunks":
         chunk = compat.moe_chunk_size()
         return _cdiv(n, chunk) if chunk else 1
+    if feature.startswith("census:"):
+        return census.feature_value(sc, feature, n)
     if feature.startswith("grid:"):
         return moe.grid_over_limit(sc, n)[feature[5:]]
     if feature.startswith("int32:"):
@@ -130,9 +133,9 @@ def _step_rows(sc: Scenario, op: int) -> list[dict]:
 
 
 def _knob_rows(sc: Scenario, op: int) -> list[dict]:
+    rows = census.boundary_rows(sc)
     if layers.build_moe_layer(sc) is None:
-        return []
-    rows = []
+        return rows
     chunk = compat.moe_chunk_size()
     if chunk:
         rows.append(_row("knob", chunk + 1, 1, 2, "MoE chunking",
@@ -219,7 +222,8 @@ def around(sc: Scenario, counts=None, df: pd.DataFrame | None = None) -> pd.Data
 def summary(sc: Scenario, df: pd.DataFrame) -> dict:
     """The operating point, the nearest boundaries and the distance to the classic fused-MoE int32 overflow."""
     op = _mnbt(sc)
-    out = {"operating_point": op, "nearest": df.iloc[0][["axis", "tokens", "kind"]].to_dict() if len(df) else None}
+    out = {"operating_point": op, "nearest": df.iloc[0][["axis", "tokens", "kind"]].to_dict() if len(df) else None,
+           "census": census.status(sc)}
     if layers.build_moe_layer(sc) is not None:
         classic = moe.classic_overflow_tokens(sc)
         grid = moe.grid_thresholds(sc)
@@ -253,6 +257,8 @@ def format_text(df: pd.DataFrame, near: pd.DataFrame, info: dict, limit: int | N
         lines += [f"Classic fused-MoE int32 overflow (M x top_k x hidden > 2^31): {t:,} tokens per step, "
                   f"{t - op:,} above the operating point ({t / op:.1f}x); {state}",
                   f"Triton fused-MoE grid limits (x < 2^31, y/z < 65536): {grid}", ""]
+    if "census" in info:
+        lines += [info["census"].capitalize(), ""]
     lines += ["Boundaries, nearest first", shown[["axis", "tokens", "distance", "kind", "rule"]].to_string(index=False)]
     if limit is not None and len(cap) > 1:
         lines.append(f"(+ {len(cap) - 1} more capture-size edges: every capture size + 1; --all lists them)")

@@ -1,7 +1,8 @@
 """Known classes of vLLM token-boundary crashes and cliffs (data/known_issues.json), matched to a scenario.
 
-Each class names a predicate here; the predicate reads vLLM's resolved config and diaglib's MoE
-analysis for the scenario and answers whether the class applies, why, and at which token count.
+Each class names a predicate here; the predicate reads vLLM's resolved config, diaglib's kernel census (every
+op of vLLM's forward, diaglib.predict.census) and its MoE analysis for the scenario, and answers whether the
+class applies, why, and at which token count.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .. import compat
 from ..errors import DiagError
 from ..paths import DATA
 from ..scenario import Scenario
-from . import layers, moe
+from . import census, layers, moe
 
 CATALOG = DATA / "known_issues.json"
 
@@ -53,6 +54,24 @@ class _Facts:
     def thresholds(self) -> pd.DataFrame:
         return moe.int32_thresholds(self.sc).dropna(subset=["tokens"])
 
+    @cached_property
+    def crossings(self) -> pd.DataFrame | None:
+        """Every op's crossing as tokens per step grow (the census), or None where it cannot run here."""
+        try:
+            th = census.thresholds(self.sc, "prefill")
+        except DiagError:
+            return None
+        return th[th["tokens"].notna() & (th["tokens"] > 1)].sort_values("tokens", kind="stable")
+
+    @cached_property
+    def profile(self) -> pd.DataFrame | None:
+        """The ops of vLLM's profile run at the budget (the census), or None where it cannot run here."""
+        try:
+            df = census.ops(self.sc, census.profile(self.sc))
+        except DiagError:
+            return None
+        return df[~df["runs_as"].isin(["no kernel", "host"])]
+
     def first_threshold(self, path: str | None = None, buffer: str | None = None):
         t = self.thresholds
         t = t[(t["path"] == path) if path else t["path"] != "input"]
@@ -83,6 +102,24 @@ def moe_triton_int32(f: _Facts):
                  f"({'within' if hit else 'beyond'} max_num_batched_tokens {f.mnbt}); {where}"), classic
 
 
+def _crossing_text(r) -> str:
+    return f"{r['op']} {r['role']} [{r['formula']}] in {r['module'] or r['phase']}"
+
+
+def census_int32(f: _Facts):
+    """Any op of the step: the first tensor whose largest index passes 2^31 - 1 as tokens per step grow."""
+    th = f.crossings
+    if th is None:
+        return any_buffer_int32(f)
+    th = th[~th["role"].str.startswith("grid.")]
+    if th.empty:
+        return False, "no op's tensor passes INT32_MAX at any token count up to the census horizon", None
+    r = th.iloc[0]
+    t = int(r["tokens"])
+    return f.mnbt >= t, (f"{_crossing_text(r)} passes INT32_MAX from {t:,} tokens per step "
+                         f"(max_num_batched_tokens {f.mnbt:,})"), t
+
+
 def any_buffer_int32(f: _Facts):
     if f.layer is None:
         return _no_moe(f)
@@ -104,6 +141,23 @@ def inductor_32bit(f: _Facts):
     row = f.first_threshold()
     return over, (f"largest MoE intermediate at {f.mnbt} tokens: {lb['path']}.{lb['buffer']} {lb['shape']} = "
                   f"{lb['frac_2_31']:.3f} x 2^31"), (int(row["tokens"]) if row is not None else None)
+
+
+def census_inductor_int32(f: _Facts):
+    """The ops Inductor compiles (outside the splitting ops): the first intermediate past 2^31 - 1."""
+    if f.comp["compile_backend"] != "inductor" or not f.comp["compile_ranges"]:
+        return False, f"compile backend {f.comp['compile_backend']}, mode {f.comp['compile_mode']}: no Inductor " \
+                      "kernels", None
+    th = f.crossings
+    if th is None:
+        return inductor_32bit(f)
+    th = th[(th["runs_as"] == "inductor") & ~th["role"].str.startswith("grid.")]
+    if th.empty:
+        return False, "no Inductor-compiled intermediate passes INT32_MAX up to the census horizon", None
+    r = th.iloc[0]
+    t = int(r["tokens"])
+    return f.mnbt >= t, (f"Inductor compiles {_crossing_text(r)}: over INT32_MAX from {t:,} tokens per step "
+                         f"(max_num_batched_tokens {f.mnbt:,})"), t
 
 
 def compile_range_edge(f: _Facts):
@@ -159,18 +213,36 @@ def fp8_block_alignment(f: _Facts):
 
 
 def profile_run(f: _Facts):
-    if f.layer is None:
-        return _no_moe(f)
-    return True, f"the profile run sends M = {f.mnbt} tokens through every MoE layer at start-up", f.mnbt
+    """vLLM's profile run at the budget: its dummy requests through every layer, then the sampler warm-up."""
+    df = f.profile
+    if df is None:
+        if f.layer is None:
+            return _no_moe(f)
+        return True, f"the profile run sends M = {f.mnbt} tokens through every MoE layer at start-up", f.mnbt
+    r = df.loc[df["frac_int32"].idxmax()]
+    reqs = census.profile(f.sc).reqs
+    return True, (f"the profile run sends {f.mnbt:,} tokens from {reqs} dummy requests through every layer at "
+                  f"start-up; nearest the int32 limit: {r['op']} {r['largest']} in {r['module'] or r['phase']} "
+                  f"({r['frac_int32']:.3f} x 2^31)"), f.mnbt
 
 
 def moe_grid(f: _Facts):
-    if f.layer is None:
-        return _no_moe(f)
-    g = f.launches["grids"]
-    worst = g.loc[g["frac_limit"].idxmax()]
-    return False, (f"fused_moe_kernel grid at {f.mnbt} tokens: {worst['grid']} ({worst['frac_limit']:.2e} of the "
-                   "x limit; M is not on grid.y in this kernel)"), None
+    """Launch grids of every kernel whose grid the census knows, against CUDA's limits."""
+    th = f.crossings
+    if th is None:
+        if f.layer is None:
+            return _no_moe(f)
+        g = f.launches["grids"]
+        worst = g.loc[g["frac_limit"].idxmax()]
+        return False, (f"fused_moe_kernel grid at {f.mnbt} tokens: {worst['grid']} ({worst['frac_limit']:.2e} of "
+                       "the x limit; M is not on grid.y in this kernel)"), None
+    grids = th[th["role"].str.startswith("grid.")]
+    if grids.empty:
+        return False, "no known launch grid passes CUDA's limits up to the census horizon", None
+    r = grids.iloc[0]
+    t = int(r["tokens"])
+    return f.mnbt >= t, (f"{r['op']} {r['role']} [{r['formula']}] passes {int(r['limit']):,} from {t:,} tokens "
+                         f"per step ({r['source']})"), t
 
 
 def always(f: _Facts):
@@ -196,9 +268,9 @@ def version_listed(f: _Facts, cls: dict):
 
 
 PREDICATES = {fn.__name__: fn for fn in (
-    moe_triton_int32, any_buffer_int32, inductor_32bit, compile_range_edge, moe_chunking, at_budget,
-    cudagraph_edge, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always, perf_cliff,
-    version_listed)}
+    moe_triton_int32, any_buffer_int32, census_int32, inductor_32bit, census_inductor_int32, compile_range_edge,
+    moe_chunking, at_budget, cudagraph_edge, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always,
+    perf_cliff, version_listed)}
 
 
 def match(sc: Scenario) -> pd.DataFrame:

@@ -81,14 +81,15 @@ def rank0(sc: Scenario):
 
 
 SMALL_INDEX = 4096  # integer tensors up to this many elements, created without a device, stay on the CPU
+_building = False  # inside new_model: vLLM is constructing layers
 
 
 def _meta_device():
-    """``with torch.device("meta")``, except that small integer tensors created without a device hold values
-    on the CPU: vLLM reads back index maps it computes while building layers (the expert-parallel expert
-    map, logged and turned into routing tables), which a meta tensor cannot answer. Where such a tensor
-    meets a meta tensor in an operation it joins it on the meta device. Every float tensor, and every
-    integer tensor of more than SMALL_INDEX elements, is a meta tensor."""
+    """``with torch.device("meta")``; while a model is being built (:func:`new_model`), small integer tensors
+    created without a device hold values on the CPU: vLLM reads back index maps it computes while building
+    layers (the expert-parallel expert map, logged and turned into routing tables), which a meta tensor
+    cannot answer; where such a tensor meets a meta tensor in an operation it joins it on the meta device.
+    Every float tensor, and every integer tensor of more than SMALL_INDEX elements, is a meta tensor."""
     import torch
     from torch.utils._device import DeviceContext, _device_constructors
     from torch.utils._pytree import tree_flatten, tree_map
@@ -97,16 +98,19 @@ def _meta_device():
         return (isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex
                 and t.numel() <= SMALL_INDEX)
 
+    def held(a) -> bool:
+        return isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0
+
     class MetaDevice(DeviceContext):
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func in _device_constructors() and kwargs.get("device") is None:
                 out = func(*args, **{**kwargs, "device": "meta"})
-                return func(*args, **{**kwargs, "device": "cpu"}) if small_index(out) else out
-            tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-            if any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
-                args, kwargs = tree_map(lambda a: a.to("meta") if isinstance(a, torch.Tensor) and
-                                        a.device.type == "cpu" and a.dim() else a, (args, kwargs))
+                return func(*args, **{**kwargs, "device": "cpu"}) if _building and small_index(out) else out
+            if _building:
+                tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+                if any(t.is_meta for t in tensors) and any(held(t) for t in tensors):
+                    args, kwargs = tree_map(lambda a: a.to("meta") if held(a) else a, (args, kwargs))
             return func(*args, **kwargs)
 
     return MetaDevice("meta")
@@ -120,17 +124,42 @@ def build_model(sc: Scenario):
     hit = _models.get(id(sc))
     if hit is not None and hit[0] is sc:
         return hit[1]
-    from vllm.model_executor.model_loader.utils import initialize_model
-
-    try:
-        with registered(sc, {}) as registry, rank0(sc):
-            model = initialize_model(vllm_config=sc.vllm_config)
-    except _REFUSALS as e:
-        raise BuildRefused(_explain_refusal(sc, e)) from None
+    model, registries = new_model(sc)
     if len(_models) >= _MAX_MODELS:
         _models.pop(next(iter(_models)))
-    _models[id(sc)] = (sc, model, registry)
+    _models[id(sc)] = (sc, model, registries.get("static_forward_context", {}))
     return model
+
+
+def new_model(sc: Scenario, vllm_config=None):
+    """A fresh, uncached build of the scenario's model (or of ``vllm_config``, a private variant of the
+    scenario's config), with the layer registries its layers registered in.
+
+    Layers register themselves in the config's static forward context (a name may register once); the meta
+    model gets registries of its own so the config stays as vLLM resolved it. Returns (model, {registry name:
+    registry}); vLLM's refusal is a :class:`BuildRefused`."""
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    cfg = vllm_config or sc.vllm_config
+    cc = cfg.compilation_config
+    registries = [n for n in ("static_forward_context", "static_all_moe_layers") if hasattr(cc, n)]
+    saved = {n: getattr(cc, n) for n in registries}
+    for n in registries:
+        setattr(cc, n, type(saved[n])())
+    global _building
+    outer, _building = _building, True
+    try:
+        with rank0(sc), set_current_vllm_config(cfg):
+            model = initialize_model(vllm_config=cfg)
+        own = {n: getattr(cc, n) for n in registries}
+    except _REFUSALS as e:
+        raise BuildRefused(_explain_refusal(sc, e)) from None
+    finally:
+        _building = outer
+        for n in registries:
+            setattr(cc, n, saved[n])
+    return model, own
 
 
 def forward_context(sc: Scenario) -> dict:

@@ -483,3 +483,59 @@ def release_grid(features, *, title: str = "What the seed's command gets, releas
 
 def _short(text: str, width: int = 28) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def census_headroom(th, *, budget: int, top: int = 8, horizon: int = 1 << 24):
+    """Every op's headroom against N (log-log): the largest index of each op tensor (from the census's affine fits)
+    over tokens per step, with 2^31 - 1 and the budget marked; the ops that cross first are drawn in colour and
+    labelled, the rest in grey. ``th``: census.thresholds rows (slope, const, tokens, op, role, formula)."""
+    import numpy as np
+
+    fig, ax = figure(height=4.4)
+    rows = th[~th["role"].str.startswith("grid.") & (th["slope"] > 0)]
+    ns = np.logspace(np.log2(max(budget // 64, 1)), np.log2(horizon), 200, base=2)
+    ranked = rows.assign(t=rows["tokens"].fillna(np.inf).astype(float)).sort_values(["t", "slope"],
+                                                                                    ascending=[True, False])
+    firsts = ranked.drop_duplicates(["slope", "const"]).head(top)
+    for r in ranked.drop_duplicates(["slope", "const"]).itertuples():
+        if r.Index in firsts.index:
+            continue
+        ax.plot(ns, r.const + r.slope * ns, color="#BBBBBB", lw=0.7, zorder=1)
+    for i, r in enumerate(firsts.itertuples()):
+        label = f"{_short(r.op.split('::')[-1], 24)} {r.role} [{r.formula}]" + \
+            (f": {int(r.tokens):,}" if r.tokens == r.tokens and r.tokens is not None else "")
+        ax.plot(ns, r.const + r.slope * ns, color=SERIES[i % len(SERIES)], lw=1.8, label=label, zorder=3)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.axhline(INT32_MAX, color="black", lw=1.2)
+    ax.annotate("INT32_MAX = 2^31 - 1", (0, INT32_MAX), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                textcoords="offset points", fontsize=9)
+    tokens_axis(ax, label="tokens N in one step (log2 scale)")
+    ax.set_ylabel("largest index into the tensor (log2 scale)")
+    ax.set_title("Headroom of every op of the forward against N (kernel census)")
+    mark_boundary(ax, budget)
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8)
+    return fig
+
+
+def census_nearest(ops, *, top: int = 12, title: str = "Ops nearest the int32 limit at the operating point"):
+    """Horizontal bars: the per-step tensors of the ops nearest 2^31 - 1 (fraction of the limit), coloured by who
+    runs them (Inductor, a custom kernel, eager torch). ``ops``: census.ops rows (module, op, largest, frac_int32,
+    runs_as)."""
+    import re
+
+    df = ops[~ops["runs_as"].isin(["no kernel", "host"])].copy()
+    folded = [re.sub(r"\blayers\.\d+\.", "layers.*.", m + ".").rstrip(".") if m else p
+              for m, p in zip(df["module"], df["phase"])]
+    df["label"] = [f"{_short(m, 34)} {o.split('::')[-1]} {r}" for m, o, r in zip(folded, df["op"], df["largest"])]
+    df = df.sort_values("frac_int32", ascending=False).drop_duplicates("label").head(top).iloc[::-1]
+    fig, ax = figure(height=0.9 + 0.28 * max(len(df), 1))
+    kinds = list(dict.fromkeys(df["runs_as"].map(lambda r: r.split(" (")[0])))
+    colour = {k: SERIES[i % len(SERIES)] for i, k in enumerate(kinds)}
+    ax.barh(df["label"], df["frac_int32"], color=[colour[r.split(" (")[0]] for r in df["runs_as"]])
+    ax.axvline(1.0, color="black", lw=1.2)
+    ax.set_xlabel("largest index / (2^31 - 1)")
+    ax.set_title(title)
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in colour.items()], loc="outside lower center",
+               ncol=min(len(colour), 4))
+    return fig

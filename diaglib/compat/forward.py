@@ -1,0 +1,359 @@
+"""One forward pass of vLLM's model outside the engine: the forward context, attention metadata and KV caches,
+CustomOp enablement, the dummy (profile) run's batch, the sampler warm-up and the model runner's buffers.
+
+Every function decides by what the installed vLLM has (an import, an attribute, a signature), never by its
+version string. Callers (diaglib.predict.census) run these under the census's own modes, which put every
+tensor vLLM creates on the GPU onto the meta device.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+
+from .detect import first, has, takes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --- the model, run eagerly --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def eager(model):
+    """Inside: every ``@support_torch_compile`` module of ``model`` calls its forward directly (no Dynamo frame).
+
+    The decorator's own switch (``do_not_compile``) is set on the modules that have it and restored after."""
+    mods = [m for m in model.modules() if hasattr(m, "do_not_compile")]
+    saved = [m.do_not_compile for m in mods]
+    for m in mods:
+        m.do_not_compile = True
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, saved):
+            m.do_not_compile = s
+
+
+def forward_context(cfg, attn_metadata, num_tokens: int, cudagraph_mode=None, batch_descriptor=None,
+                    slot_mapping=None):
+    """vLLM's set_forward_context for one step, with the arguments this vLLM takes."""
+    from vllm.forward_context import set_forward_context
+
+    path = "vllm.forward_context:set_forward_context"
+    kw = {"num_tokens": num_tokens}
+    if cudagraph_mode is not None and takes(path, "cudagraph_runtime_mode"):
+        kw["cudagraph_runtime_mode"] = cudagraph_mode
+    if batch_descriptor is not None and takes(path, "batch_descriptor"):
+        kw["batch_descriptor"] = batch_descriptor
+    if slot_mapping is not None and takes(path, "slot_mapping"):
+        kw["slot_mapping"] = slot_mapping
+    return set_forward_context(attn_metadata, cfg, **kw)
+
+
+# --- CustomOp enablement ------------------------------------------------------------------------------
+
+def custom_ops(model) -> list[dict]:
+    """Every CustomOp module of ``model``: its registered name, class, and whether vLLM dispatches it to the
+    custom kernel (``forward_cuda``) or to ``forward_native`` (plain torch, traced and compiled by Inductor).
+
+    Read off the method vLLM's CustomOp bound at construction under the scenario's compilation config."""
+    from vllm.model_executor.custom_op import CustomOp
+
+    seen, out = set(), []
+    for name, m in model.named_modules():
+        if not isinstance(m, CustomOp):
+            continue
+        fwd = getattr(m, "_forward_method", None)
+        fn = getattr(fwd, "__func__", fwd)
+        native_fn = getattr(type(m), "forward_native", None)
+        native = fn is native_fn or getattr(fn, "__wrapped__", None) is native_fn or \
+            getattr(fn, "__name__", "") == "forward_native"  # torch.compile-wrapped native forward
+        key = (type(m).__name__, native)
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append({"custom_op": getattr(type(m), "name", type(m).__name__), "class": type(m).__name__,
+                    "first_module": name, "enabled": not native,
+                    "runs": "forward_native (torch ops)" if native else getattr(fn, "__name__", "custom kernel")})
+    return out
+
+
+# --- attention: layers, KV caches, metadata ------------------------------------------------------------
+
+def attention_layers(registry: dict) -> dict:
+    """The registry's attention layers (vLLM's AttentionLayerBase where it exists), by layer name."""
+    base = first("the attention layer base class",
+                 "vllm.model_executor.layers.attention_layer_base:AttentionLayerBase",
+                 "vllm.attention.layer:Attention")
+    return {n: m for n, m in registry.items() if isinstance(m, base)}
+
+
+def layer_kv_spec(layer, cfg):
+    """The layer's own KVCacheSpec (None where it needs no KV cache). Where layers do not build it themselves
+    (the 0.10 line), the model runner's get_kv_cache_spec is mirrored (derived: decoder layers only, full or
+    sliding-window attention, from the layer's heads, head size and window)."""
+    fn = getattr(layer, "get_kv_cache_spec", None)
+    if fn is not None:
+        return fn(cfg) if _takes_obj(fn, "vllm_config") else fn()
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    from .scheduling import kv_cache_spec
+
+    if str(getattr(layer, "attn_type", "decoder")).lower().split(".")[-1] != "decoder":
+        return None
+    base = kv_cache_spec(cfg)
+    kw = {"block_size": base.block_size, "num_kv_heads": layer.num_kv_heads, "head_size": layer.head_size,
+          "dtype": base.dtype}
+    if "use_mla" in {f.name for f in dataclasses.fields(FullAttentionSpec)}:
+        kw["use_mla"] = cfg.model_config.use_mla
+    if getattr(layer, "sliding_window", None) is not None:
+        return SlidingWindowSpec(sliding_window=layer.sliding_window, **kw)
+    return FullAttentionSpec(**kw)
+
+
+def layer_backend(layer):
+    """The attention backend class the layer runs."""
+    fn = getattr(layer, "get_attn_backend", None)
+    return fn() if fn is not None else layer.attn_backend
+
+
+def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):
+    """A layer's KV cache as the model runner lays it out: the backend's shape in its stride order (meta)."""
+    import torch
+
+    if hasattr(spec, "shapes") and hasattr(spec, "dtypes"):
+        return _state_tensors(spec, num_blocks)
+    if not hasattr(backend, "get_kv_cache_shape"):
+        from .detect import VllmApiMissing
+
+        raise VllmApiMissing(f"{backend.get_name()} has no get_kv_cache_shape (this vLLM allocates KV caches "
+                             "as byte views per layout)")
+    kw = {"cache_dtype_str": cache_dtype} if _takes_obj(backend.get_kv_cache_shape, "cache_dtype_str") else {}
+    shape = backend.get_kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size, **kw)
+    try:
+        order = tuple(backend.get_kv_cache_stride_order())
+        assert len(order) == len(shape)
+    except (AttributeError, NotImplementedError, AssertionError):
+        order = tuple(range(len(shape)))
+    phys = torch.empty(tuple(shape[i] for i in order), dtype=spec.dtype, device="meta")
+    return phys.permute(*[order.index(i) for i in range(len(order))])
+
+
+def _state_tensors(spec, num_blocks: int) -> list:
+    """A state-space (mamba / linear-attention) layer's cache as the model runner lays it out: one page of
+    page_size_bytes per block, each state a strided view into it (derived: GPUModelRunner's
+    _reshape_kv_cache_tensors, MambaSpec branch)."""
+    import torch
+
+    raw = torch.empty(num_blocks * spec.page_size_bytes, dtype=torch.int8, device="meta")
+    out, offset = [], 0
+    for shape, dtype in zip(spec.shapes, spec.dtypes):
+        size = torch.empty((), dtype=dtype).element_size()
+        target = (num_blocks, *shape)
+        stride = torch.empty(target, device="meta").stride()
+        out.append(torch.as_strided(raw.view(dtype), size=target, stride=(spec.page_size_bytes // size, *stride[1:]),
+                                    storage_offset=offset // size))
+        offset += stride[0] * size
+    return out
+
+
+def _takes_obj(fn, param: str) -> bool:
+    try:
+        return param in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def bind_kv_cache(layer, kv_cache):
+    """Give an attention layer its KV cache as bind_kv_cache does (the layer's own bind_kv_cache where it has
+    one; else a tensor, or one per virtual engine)."""
+    if hasattr(layer, "bind_kv_cache"):
+        layer.bind_kv_cache(kv_cache)
+    elif isinstance(getattr(layer, "kv_cache", None), list):
+        layer.kv_cache = [kv_cache] * max(len(layer.kv_cache), 1)
+    else:
+        layer.kv_cache = kv_cache
+
+
+def common_metadata(**fields):
+    """vLLM's CommonAttentionMetadata from the fields this vLLM declares (the others are dropped)."""
+    cls = first("CommonAttentionMetadata", "vllm.v1.attention.backend:CommonAttentionMetadata",
+                "vllm.v1.attention.backends.utils:CommonAttentionMetadata")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+def metadata_builder(backend, spec, layer_names: list[str], cfg, device):
+    """The backend's metadata builder, constructed as the model runner constructs it."""
+    cls = backend.get_builder_cls()
+    params = inspect.signature(cls.__init__).parameters
+    kw = {"kv_cache_spec": spec, "layer_names": layer_names, "vllm_config": cfg, "device": device}
+    return cls(**{k: v for k, v in kw.items() if k in params})
+
+
+def build_metadata(builder, common):
+    """One step's attention metadata from the backend's builder."""
+    if takes(f"{type(builder).__module__}:{type(builder).__qualname__}.build", "common_prefix_len"):
+        return builder.build(common_prefix_len=0, common_attn_metadata=common)
+    return builder.build(0, common)
+
+
+def block_table(cfg, block_size: int):
+    """vLLM's BlockTable for one KV-cache group, as the model runner's InputBatch builds it (device tensors on
+    meta, host copies real). Returns None where this vLLM has none importable without a GPU."""
+    import torch
+
+    cls = first("the model runner's BlockTable", "vllm.v1.worker.block_table:BlockTable")
+    sch, mc = cfg.scheduler_config, cfg.model_config
+    kw = {"block_size": block_size, "max_num_reqs": sch.max_num_seqs,
+          "max_num_blocks_per_req": _cdiv(mc.max_model_len, block_size),
+          "max_num_batched_tokens": sch.max_num_batched_tokens, "pin_memory": False,
+          "device": torch.device("cuda"), "kernel_block_size": block_size, "cp_kv_cache_interleave_size": 1,
+          "dcp_kv_cache_interleave_size": 1}
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kw.items() if k in params})
+
+
+def device_view(buffer):
+    """The device tensor of a model-runner buffer (CpuGpuBuffer's ``.gpu``, or the tensor itself)."""
+    return getattr(buffer, "gpu", buffer)
+
+
+# --- the dummy (profile) run and the sampler warm-up ---------------------------------------------------
+
+def dummy_batch(cfg, num_tokens: int) -> list[int]:
+    """Tokens per dummy request of the model runner's profile run: min(num_tokens, max_num_seqs) requests,
+    tokens split evenly, the remainder to the last (GPUModelRunner._dummy_run, every release)."""
+    num_reqs = min(num_tokens, cfg.scheduler_config.max_num_seqs)
+    q = [num_tokens // num_reqs] * num_reqs
+    q[-1] += num_tokens % num_reqs
+    return q
+
+
+def profile_runs_attention() -> bool:
+    """Whether the profile run builds attention metadata (it does not: force_attention is off and the
+    graph mode NONE, so every attention layer sees ``attn_metadata=None``)."""
+    return False
+
+
+@functools.cache
+def _sampling_metadata_cls():
+    return first("SamplingMetadata", "vllm.v1.sample.metadata:SamplingMetadata")
+
+
+def dummy_sampling_metadata(num_reqs: int, vocab: int, device):
+    """The SamplingMetadata of GPUModelRunner._dummy_sampler_run: temperature 0.5, top-p 0.9, top-k vocab - 1,
+    penalties 0.1, neither all-greedy nor all-random (the fields this vLLM declares)."""
+    import torch
+
+    def full(v):
+        return torch.full((num_reqs,), v, device=device)
+
+    cls = _sampling_metadata_cls()
+    vals = {"temperature": full(0.5), "all_greedy": False, "all_random": False, "top_p": full(0.9),
+            "top_k": full(vocab - 1), "min_p": None, "generators": {}, "max_num_logprobs": None,
+            "logprob_token_ids": None, "no_penalties": True, "prompt_token_ids": None,
+            "frequency_penalties": full(0.1), "presence_penalties": full(0.1), "repetition_penalties": full(0.1),
+            "output_token_ids": [[] for _ in range(num_reqs)], "spec_token_ids": [[] for _ in range(num_reqs)],
+            "allowed_token_ids_mask": None, "bad_words_token_ids": {}, "min_tokens": {},
+            "logit_bias": [None] * num_reqs}
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "logitsprocs" in names:
+        from vllm.v1.sample.logits_processor import LogitsProcessors
+
+        vals["logitsprocs"] = LogitsProcessors()
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in vals and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        from .detect import VllmApiMissing
+
+        raise VllmApiMissing(f"SamplingMetadata wants fields diaglib does not know: {', '.join(missing)}")
+    return cls(**{k: v for k, v in vals.items() if k in names})
+
+
+def sampler(cfg):
+    """The sampler the model runner constructs, and a note where its top-k/top-p step would run FlashInfer's
+    sampling kernels (JIT-built, called outside torch's dispatcher): the census then runs vLLM's PyTorch path
+    (same logits in, same samples out). Returns (sampler, note or None)."""
+    cls = first("the V1 Sampler", "vllm.v1.sample.sampler:Sampler")
+    params = inspect.signature(cls.__init__).parameters
+    kw = {}
+    if "logprobs_mode" in params:
+        kw["logprobs_mode"] = cfg.model_config.logprobs_mode
+    s = cls(**kw)
+    tks = getattr(s, "topk_topp_sampler", None)
+    fwd = getattr(tks, "forward", None)
+    if getattr(fwd, "__name__", "") == "forward_cuda" and hasattr(tks, "forward_native"):
+        tks.forward = tks.forward_native
+        return s, ("sampler: top-k/top-p runs FlashInfer's sampling kernels on the GPU (not traceable here); "
+                   "the census records vLLM's PyTorch path (same logits in, same samples out)")
+    return s, None
+
+
+def compute_logits(model, hidden):
+    """The model's logits for the sampled rows (0.10 took a sampling_metadata argument, unused)."""
+    import inspect as _i
+
+    params = _i.signature(model.compute_logits).parameters
+    return model.compute_logits(hidden, None) if "sampling_metadata" in params else model.compute_logits(hidden)
+
+
+@contextlib.contextmanager
+def workspace():
+    """Inside: a fresh vLLM WorkspaceManager on the GPU (what the worker initialises at start-up; it hands
+    out the MoE and attention workspaces), where this vLLM has one; the previous one is restored after."""
+    import torch
+
+    if not has("vllm.v1.worker.workspace:init_workspace_manager"):
+        yield
+        return
+    from vllm.v1.worker import workspace as ws
+
+    saved = ws._manager
+    ws._manager = None
+    ws.init_workspace_manager(torch.device("cuda"))
+    try:
+        yield
+    finally:
+        ws._manager = saved
+
+
+# --- the model runner's persistent buffers -------------------------------------------------------------
+
+def input_batch(cfg, block_sizes: list[int]):
+    """vLLM's InputBatch (the model runner's per-request state: token ids, block tables, slot mapping, sampling
+    tensors) as the model runner constructs it; call it where tensors land on the meta device."""
+    import torch
+
+    cls = first("the model runner's InputBatch", "vllm.v1.worker.gpu_input_batch:InputBatch")
+    sch, mc = cfg.scheduler_config, cfg.model_config
+    kw = {"max_num_reqs": sch.max_num_seqs, "max_model_len": mc.max_model_len,
+          "max_num_batched_tokens": sch.max_num_batched_tokens, "device": torch.device("cuda"),
+          "pin_memory": False, "vocab_size": mc.get_vocab_size(), "block_sizes": block_sizes,
+          "kernel_block_sizes": block_sizes, "is_spec_decode": cfg.speculative_config is not None,
+          "max_num_blocks_per_req": [_cdiv(mc.max_model_len, b) for b in block_sizes]}
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kw.items() if k in params})
+
+
+def runner_buffers(cfg) -> list[tuple[str, tuple, object, str]]:
+    """(name, shape, torch dtype, device) of the model runner's own persistent buffers that GPUModelRunner's
+    constructor sizes from max_num_batched_tokens and max_num_seqs (derived: GPUModelRunner.__init__, which
+    needs a GPU to construct; input_ids / positions [max_num_tokens], query_start_loc [max_num_reqs + 1],
+    seq_lens [max_num_reqs], req_indices and query positions [max_num_tokens])."""
+    import torch
+
+    t, r = cfg.scheduler_config.max_num_batched_tokens, cfg.scheduler_config.max_num_seqs
+    return [("runner.input_ids", (t,), torch.int32, "gpu"), ("runner.positions", (t,), torch.int64, "gpu"),
+            ("runner.query_start_loc", (r + 1,), torch.int32, "gpu"), ("runner.seq_lens", (r,), torch.int32, "gpu"),
+            ("runner.req_indices", (t,), torch.int64, "cpu"), ("runner.query_pos", (t,), torch.int64, "cpu")]
+
+
+def splitting_ops(vllm_config) -> set[str]:
+    """The resolved splitting ops as dispatcher names (``vllm::unified_attention_with_output``; the 0.10 line
+    spells them ``vllm.unified_attention_with_output``)."""
+    ops = vllm_config.compilation_config.splitting_ops or []
+    return {s if "::" in s else s.replace(".", "::", 1) for s in ops}
