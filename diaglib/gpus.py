@@ -32,11 +32,23 @@ def catalog() -> dict[str, dict]:
 
 
 def gpu_spec(name: str, count: int = 1, memory_mib: int | None = None) -> GpuSpec:
-    """Look a GPU up by name (case and an 'NVIDIA ' prefix optional)."""
-    wanted = name.strip().lower().removeprefix("nvidia ").strip()
-    for known, spec in catalog().items():
-        if known.lower().removeprefix("nvidia ") == wanted:
-            if count < 1:
-                raise DiagError(f"GPU count must be at least 1, not {count}")
-            return GpuSpec(known, tuple(spec["capability"]), memory_mib or spec["memory_mib"], spec["sms"], count)
-    raise DiagError(f"unknown GPU {name!r}; known: {', '.join(catalog())} (add it to data/gpus.json)")
+    """Look a GPU up by name: case and an 'NVIDIA ' prefix optional; a unique start of a catalog name will do
+    ("H100" -> "NVIDIA H100 80GB HBM3")."""
+    wanted = _key(name)
+    names = {_key(known): known for known in catalog()}
+    known = names.get(wanted)
+    if known is None:
+        starts = [k for key, k in names.items() if wanted and key.startswith(wanted)]
+        if len(starts) > 1:
+            raise DiagError(f"GPU {name!r} is ambiguous: {', '.join(starts)}")
+        known = starts[0] if starts else None
+    if known is None:
+        raise DiagError(f"unknown GPU {name!r}; known: {', '.join(catalog())} (add it to data/gpus.json)")
+    if count < 1:
+        raise DiagError(f"GPU count must be at least 1, not {count}")
+    spec = catalog()[known]
+    return GpuSpec(known, tuple(spec["capability"]), memory_mib or spec["memory_mib"], spec["sms"], count)
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().removeprefix("nvidia ").strip()

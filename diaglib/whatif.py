@@ -1,24 +1,45 @@
 """The "what-if GPU" layer: make vLLM believe, on a machine without a GPU, that it runs on a named one.
 
 Everything that fakes hardware lives here, is switched on by :func:`activate` before vLLM is imported,
-and is never switched on where a real GPU exists. What it overrides (see shared notes on vLLM on CPU):
+and never where a real GPU exists (:func:`activate` refuses then). It fakes the CUDA device, at the lowest
+level that works, never a vLLM backend or layer; what it overrides, and why:
 
 1. ``libcuda.so.1``: vLLM's extensions link the driver. A stub library exporting exactly the driver
    entry points they import, each returning CUDA_ERROR_STUB_LIBRARY, is built once with the C compiler
    and loaded globally, so the real extensions load and their host-side checks give real answers.
-2. vLLM's current platform: a subclass of vLLM's own ``NonNvmlCudaPlatform`` that reports the named
-   GPU's capability, name, memory and count, and full NVLink connectivity.
-3. torch's device-count, capability and name queries, which some vLLM versions ask directly.
-4. Host memory as psutil reports it (0.10.x compares swap space x TP with host RAM).
+2. vLLM's current platform: a subclass of vLLM's own ``NonNvmlCudaPlatform`` reporting the named GPU's
+   capability, name, memory and count, full NVLink connectivity, and pinned host memory as unavailable
+   (``is_pin_memory_available``: pinning needs the driver; vLLM already falls back to pageable memory).
+3. torch's device queries (count, capability, name, properties, current device, free/total memory),
+   which vLLM and its kernels' support checks ask directly, answer for the named GPU; setting the device,
+   synchronising and emptying the cache do nothing. Triton's active driver is replaced by one that answers
+   the same queries (target backend and architecture, current device and stream, SM count): vLLM's Triton
+   kernel modules ask it when imported (flash-linear-attention for gated DeltaNet, triton_kernels for
+   MXFP4); Triton's own driver would compile a helper against libcuda and query the device.
+4. torch's streams, events and CUDA graphs (``torch.cuda.Stream``, ``Event``, ``CUDAGraph``, ``graph``,
+   ``stream``, ``current_stream``): inert objects. Layers create auxiliary streams and events when they
+   are built (shared-expert overlap, hybrid attention), no work is ever enqueued on them here.
+5. Allocations on "cuda" become meta tensors: a torch function mode (the mechanism of torch's own
+   ``with torch.device(...)``) rewrites a CUDA ``device=`` of every tensor factory, ``Tensor.to`` and
+   ``Tensor.cuda`` to "meta" and drops ``pin_memory``. Attention backends allocate workspaces when
+   imported (FlashInfer, FlashInfer MLA, CUTLASS MLA) and layers allocate buffers on the current device
+   while the model is built; on the meta device they get their real shapes and dtypes and no memory.
+6. Host memory as psutil reports it (0.10.x compares swap space x TP with host RAM).
+7. vLLM's model registry inspects a model class in a child process (``_run_in_subprocess``) so that
+   importing it cannot initialise CUDA in the server; the child would see the machine as it is (no
+   driver, no what-if GPU) and costs a fresh vLLM import per architecture. Here nothing can initialise
+   CUDA, so the same inspection runs in this process.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import types
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -49,17 +70,42 @@ def active_gpu() -> GpuSpec | None:
 
 
 def activate(gpu: GpuSpec) -> None:
-    """Impersonate ``gpu`` for vLLM in this process; switching to another GPU later is allowed."""
+    """Impersonate ``gpu`` for vLLM in this process; switching to another GPU later is allowed (vLLM's
+    memoised answers for the previous one are forgotten)."""
     global _active
     if _active is None:
+        if real_gpu_present():
+            raise RuntimeError("diaglib.whatif.activate: a real GPU is present; nothing may be faked")
         if "vllm" in sys.modules and not _platform_is_ours():
             raise RuntimeError("diaglib.whatif.activate must run before vLLM is imported")
         _load_stub_libcuda()
         _patch_torch()
+        _patch_triton()
+        _patch_streams()
+        _allocate_on_meta()
         _patch_host_memory()
         _active = gpu
         _install_platform()
+        _inspect_models_here()
+    elif gpu != _active:
+        _forget_device_answers()
     _active = gpu
+
+
+def _forget_device_answers() -> None:
+    """Clear vLLM's memoised functions (the attention selector, kernel support checks, the platform's
+    capability): they answered for the previous what-if GPU. Module-level values that vLLM computes once
+    at import (e.g. flash-linear-attention's architecture flags) keep the first GPU's answer."""
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("vllm") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            owners = [value] + (list(vars(value).values()) if isinstance(value, type) else [])
+            for obj in owners:
+                if isinstance(obj, (classmethod, staticmethod)):
+                    obj = obj.__func__
+                if isinstance(obj, functools._lru_cache_wrapper):
+                    obj.cache_clear()
 
 
 def _platform_is_ours() -> bool:
@@ -104,7 +150,7 @@ def _load_stub_libcuda() -> None:
 # --- 2. vLLM's platform ---------------------------------------------------------------------------
 
 def _install_platform() -> None:
-    import vllm.platforms as platforms
+    from vllm import platforms
     from vllm.platforms.cuda import NonNvmlCudaPlatform
     from vllm.platforms.interface import DeviceCapability
 
@@ -136,7 +182,17 @@ def _install_platform() -> None:
         def get_device_uuid(cls, device_id: int = 0) -> str:
             return f"GPU-whatif-{device_id}"
 
+        @classmethod
+        def is_pin_memory_available(cls) -> bool:
+            return False
+
     platforms.current_platform = WhatIfCudaPlatform()
+
+
+def _inspect_models_here() -> None:
+    from vllm.model_executor.models import registry
+
+    registry._run_in_subprocess = lambda fn: fn()
 
 
 # --- 3. torch's own device queries ----------------------------------------------------------------
@@ -150,17 +206,139 @@ def _patch_torch() -> None:
             self.major, self.minor = gpu.capability
             self.multi_processor_count = gpu.sms
 
-    torch.cuda._device_count_nvml = lambda: _active.count
-    torch.cuda.device_count = lambda: _active.count
-    torch.cuda.get_device_capability = lambda device=None: tuple(_active.capability)
-    torch.cuda.get_device_name = lambda device=None: _active.name
-    torch.cuda.get_device_properties = lambda device=None: _Props(_active)
-    torch.cuda.current_device = lambda: 0
-    if hasattr(torch, "accelerator"):  # torch >= 2.6 asks the accelerator API (vLLM's sampler does)
+    cuda = torch.cuda
+    cuda._device_count_nvml = lambda: _active.count
+    cuda.device_count = lambda: _active.count
+    cuda.is_available = lambda: True
+    cuda.get_device_capability = lambda device=None: tuple(_active.capability)
+    cuda.get_device_name = lambda device=None: _active.name
+    cuda.get_device_properties = lambda device=None: _Props(_active)
+    cuda.current_device = lambda: 0
+    if hasattr(torch, "accelerator"):  # torch >= 2.6 asks the accelerator API too
         torch.accelerator.current_device_index = lambda: 0
+    cuda.mem_get_info = lambda device=None: (_active.memory_bytes, _active.memory_bytes)
+    for name in ("set_device", "synchronize", "empty_cache", "reset_peak_memory_stats", "manual_seed",
+                 "manual_seed_all"):
+        setattr(cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
+        setattr(cuda, name, lambda device=None: 0)
 
 
-# --- 4. host memory -------------------------------------------------------------------------------
+def _patch_triton() -> None:
+    try:
+        import torch
+        import triton
+        from triton.backends.compiler import GPUTarget
+    except ImportError:
+        return
+
+    class WhatIfTritonDriver:
+        """Triton's active-driver queries, answered for the named GPU (nothing compiles or launches here)."""
+
+        utils = types.SimpleNamespace(get_device_properties=lambda device=0: {"multiprocessor_count": _active.sms})
+
+        def get_current_target(self):
+            major, minor = _active.capability
+            return GPUTarget("cuda", 10 * major + minor, 32)
+
+        def get_current_device(self) -> int:
+            return 0
+
+        def set_current_device(self, device) -> None:
+            pass
+
+        def get_current_stream(self, device=None) -> int:
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cuda", 0)
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def get_benchmarker(self):  # autotuned kernels take it when decorated; nothing is ever timed here
+            return lambda *args, **kwargs: [0.0]
+
+        def get_empty_cache_for_benchmark(self):
+            return torch.empty(0, device="meta")
+
+        def clear_cache(self, cache) -> None:
+            pass
+
+    triton.runtime.driver.set_active(WhatIfTritonDriver())
+
+
+# --- 4. streams, events, CUDA graphs ----------------------------------------------------------------
+
+class _Inert:
+    """A stream, event or CUDA graph that accepts every call and does nothing."""
+
+    device = "cuda:0"
+    cuda_stream = cuda_event = 0
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def query(self) -> bool:
+        return True
+
+
+def _patch_streams() -> None:
+    import torch
+
+    cuda = torch.cuda
+    # Classes, so that annotations (`torch.cuda.Stream | None`) and isinstance checks keep working.
+    cuda.Stream = type("Stream", (_Inert,), {})
+    cuda.Event = type("Event", (_Inert,), {})
+    cuda.CUDAGraph = type("CUDAGraph", (_Inert,), {})
+    cuda.graph = type("graph", (_Inert,), {})
+    cuda.stream = cuda.StreamContext = type("StreamContext", (_Inert,), {})
+    cuda.current_stream = cuda.default_stream = lambda device=None: cuda.Stream()
+    cuda.set_stream = lambda stream: None
+    cuda.graph_pool_handle = lambda: (0, 0)
+
+
+# --- 5. allocations on "cuda" become meta tensors ---------------------------------------------------
+
+def _allocate_on_meta() -> None:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    def is_cuda(device) -> bool:
+        if isinstance(device, int) and not isinstance(device, bool):
+            return True  # a bare index means a CUDA device to torch
+        if isinstance(device, (str, torch.device)):
+            return torch.device(device).type == "cuda"
+        return False
+
+    class CudaToMeta(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if is_cuda(kwargs.get("device")):
+                kwargs["device"] = "meta"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            if func is torch.Tensor.cuda:
+                return args[0].to("meta")
+            if func is torch.Tensor.pin_memory:
+                return args[0]
+            if func is torch.Tensor.to and len(args) > 1 and is_cuda(args[1]):
+                args = (args[0], "meta", *args[2:])
+            return func(*args, **kwargs)
+
+    CudaToMeta().__enter__()  # stays on torch's function-mode stack for the life of the process
+
+
+# --- 6. host memory -------------------------------------------------------------------------------
 
 def _patch_host_memory() -> None:
     import psutil

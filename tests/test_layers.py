@@ -58,7 +58,7 @@ def test_moe_backend_is_cutlass_fp8_as_vllms_method_says(scenario):
     b = layers.moe_backend(scenario)
     qm = layers.build_moe_layer(scenario).quant_method
     assert b["method"] == type(qm).__name__ == "CompressedTensorsW8A8Fp8MoEMethod"
-    if compat._legacy():
+    if hasattr(qm, "use_cutlass"):  # the 0.10 line's method
         assert qm.use_cutlass and not qm.use_marlin
         assert b["backend"] == "CUTLASS FP8 (cutlass_moe_fp8)"
     else:
@@ -94,3 +94,25 @@ def test_selected_experts_match_vllms_own_choice(scenario, tokens):
     with layers.rank0(scenario):
         experts = compat.moe_experts(layer, tokens)
     assert type(experts).__name__ == "CutlassExpertsFp8"  # sm90: no small-batch Triton fallback
+
+
+def test_registered_holds_the_meta_models_layers_and_restores_the_config(scenario):
+    cc = scenario.vllm_config.compilation_config
+    before = cc.static_forward_context
+    ctx = layers.forward_context(scenario)
+    with layers.registered(scenario) as registry:
+        assert cc.static_forward_context is registry is ctx
+    assert cc.static_forward_context is before
+    assert all(n in dict(layers.build_model(scenario).named_modules()) for n in ctx)
+
+
+def test_expert_parallel_builds_with_vllms_expert_map(scenario):
+    """EP: vLLM computes the expert map while building and reads it back (logs it, builds routing tables);
+    its values are real and give each rank its share of the experts."""
+    ep = scenario.derive("--enable-expert-parallel")
+    layer = layers.build_moe_layer(ep)
+    assert layer.local_num_experts * layer.ep_size == layer.global_num_experts == scenario.hf_config.n_routed_experts
+    emap = getattr(layer, "_expert_map", None)
+    emap = emap if emap is not None else layer.expert_map
+    assert emap.device.type == "cpu" and int((emap >= 0).sum()) == layer.local_num_experts
+    assert layer.w13_weight.device.type == "meta" and layer.w13_weight.shape[0] == layer.local_num_experts

@@ -8,7 +8,7 @@ import pytest
 
 from diaglib import compat
 from diaglib.paths import ROOT
-from diaglib.predict.summarize import config_summary, format_text
+from diaglib.predict.summarize import config_summary, format_text, summarize
 
 pytestmark = pytest.mark.contract
 
@@ -77,3 +77,18 @@ def test_text_lists_capture_sizes_as_runs(scenario, shown):
     assert f"{len(caps)} sizes, max {caps[-1]}" in line
     assert "1, 2, 4, 8.." in line
     assert next(l for l in text.splitlines() if l.startswith("model runner")).endswith(shown[0]["model_runner"])
+
+
+def test_architecture_section_reads_the_built_layers(scenario):
+    """Attention per layer kind comes off the meta model's layers; for the seed's one kind it agrees with
+    vLLM's selector asked from the resolved config alone (two paths through vLLM)."""
+    from diaglib.predict import layers
+
+    s = summarize(scenario)
+    arch = s["architecture"]
+    backends = compat.layer_backends(layers.forward_context(scenario))
+    assert sum(a["layers"] for a in arch["attention"]) == len(backends) == scenario.hf_config.num_hidden_layers
+    assert {a["backend"] for a in arch["attention"]} == {b.get_name() for b in backends.values()}
+    assert s["attention_backend"].startswith(compat.attention_backend_class(scenario.vllm_config).get_name())
+    text = format_text(s)
+    assert "attention layers" in text and "KV block size" in text

@@ -16,11 +16,21 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.attention`: attention backend selection
 - :mod:`.forward`: one forward pass outside the engine (forward context, attention metadata, dummy run)
 - :mod:`.switches`: kill-switch spellings
+- :mod:`.speculative`: the MTP draft of a checkpoint
 """
 from .attention import (
     attention_backend,
     attention_backend_class,
+    attention_groups,
+    backend_traits,
+    block_size_set_after_load,
+    config_after_load,
+    cudagraph_support,
+    flash_attn_version,
     fresh_attention_backend,
+    layer_backends,
+    layer_kv_cache_specs,
+    metadata_builder,
 )
 from .compile import (
     capture_sizes_flag,
@@ -98,4 +108,5 @@ from .scheduling import (
     scheduler_class,
     scheduler_summary,
 )
+from .speculative import mtp_draft
 from .switches import kill_switches

@@ -1,22 +1,32 @@
 """vLLM's own model and MoE layers for one tensor-parallel rank, built on the meta device.
 
 The model class vLLM's loader picks is constructed by vLLM's ``initialize_model`` under
-``set_current_vllm_config`` with ``torch.device("meta")``: every parameter has the shape, dtype and
-quantization method that rank 0 of the scenario's TP group would hold, and no memory is allocated.
+``set_current_vllm_config`` on the meta device: every parameter has the shape, dtype and quantization
+method that rank 0 of the scenario's TP group would hold, and no memory is allocated (small integer index
+maps vLLM reads back while building keep values on the CPU: :func:`_meta_device`).
 vLLM's parallel groups are stood in for by vLLM's own ``GroupCoordinator`` class, left uninitialised
-(no process group, no communicator), reporting rank 0 of the scenario's TP / PP / DP sizes.
+(no process group, no communicator), reporting rank 0 of the scenario's TP / PP / DP sizes. Where vLLM
+refuses to build a layer, the refusal is one line (:class:`BuildRefused`), naming the layer; a size that
+does not divide by a quantization block says which TP (or EP) sizes vLLM builds instead.
 """
 from __future__ import annotations
 
 import contextlib
-import os
+import re
 import types
 
 from .. import compat, whatif
+from ..errors import DiagError
 from ..scenario import Scenario
 
-_models: dict[int, tuple[Scenario, object]] = {}
+_models: dict[int, tuple[Scenario, object, dict]] = {}
 _MAX_MODELS = 8  # meta-device models kept (one per scenario object), oldest dropped first
+_REFUSALS = (ValueError, NotImplementedError, AssertionError)  # how vLLM's layers refuse a shape
+_depth = 0  # rank0 contexts entered
+
+
+class BuildRefused(DiagError):
+    """vLLM refused to construct the scenario's model (its own reason, the layer, what would work)."""
 
 
 def _stand_in_group(name: str, size: int):
@@ -45,7 +55,6 @@ def _group_sizes(vllm_config) -> dict[str, int]:
 @contextlib.contextmanager
 def rank0(sc: Scenario):
     """Inside: vLLM sees rank 0 of the scenario's parallel layout, its VllmConfig, its GPU and the meta device."""
-    import torch
     from vllm.config import set_current_vllm_config
     from vllm.distributed import parallel_state as ps
 
@@ -55,34 +64,70 @@ def rank0(sc: Scenario):
     for n, size in _group_sizes(sc.vllm_config).items():
         if n in saved:
             setattr(ps, n, _stand_in_group(n.strip("_").lower(), size))
-    # Shared experts overlap on an auxiliary CUDA stream, which needs a driver; the overlap changes
-    # no shape or dtype, so vLLM's own switch for it is set while the layers are built.
-    env_before = os.environ.get("VLLM_DISABLE_SHARED_EXPERTS_STREAM")
-    os.environ["VLLM_DISABLE_SHARED_EXPERTS_STREAM"] = "1"
+    global _depth
+    # torch keeps one device context at a time (older releases assert it): a nested rank0 keeps the outer one.
+    device = _meta_device() if not _depth else contextlib.nullcontext()
+    _depth += 1
     try:
         # vLLM's loader builds the model under the model dtype as torch's default dtype (unquantized
         # parameters and the attention backend choice depend on it), so do we.
         with set_current_vllm_config(sc.vllm_config), \
-                compat.set_default_torch_dtype(sc.vllm_config.model_config.dtype), torch.device("meta"):
+                compat.set_default_torch_dtype(sc.vllm_config.model_config.dtype), device:
             yield
     finally:
+        _depth -= 1
         for n, g in saved.items():
             setattr(ps, n, g)
-        if env_before is None:
-            os.environ.pop("VLLM_DISABLE_SHARED_EXPERTS_STREAM", None)
-        else:
-            os.environ["VLLM_DISABLE_SHARED_EXPERTS_STREAM"] = env_before
+
+
+SMALL_INDEX = 4096  # integer tensors up to this many elements, created without a device, stay on the CPU
+_building = False  # inside new_model: vLLM is constructing layers
+
+
+def _meta_device():
+    """``with torch.device("meta")``; while a model is being built (:func:`new_model`), small integer tensors
+    created without a device hold values on the CPU: vLLM reads back index maps it computes while building
+    layers (the expert-parallel expert map, logged and turned into routing tables), which a meta tensor
+    cannot answer; where such a tensor meets a meta tensor in an operation it joins it on the meta device.
+    Every float tensor, and every integer tensor of more than SMALL_INDEX elements, is a meta tensor."""
+    import torch
+    from torch.utils._device import DeviceContext, _device_constructors
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    def small_index(t) -> bool:
+        return (isinstance(t, torch.Tensor) and not t.dtype.is_floating_point and not t.dtype.is_complex
+                and t.numel() <= SMALL_INDEX)
+
+    def held(a) -> bool:
+        return isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0
+
+    class MetaDevice(DeviceContext):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in _device_constructors() and kwargs.get("device") is None:
+                out = func(*args, **{**kwargs, "device": "meta"})
+                return func(*args, **{**kwargs, "device": "cpu"}) if _building and small_index(out) else out
+            if _building:
+                tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+                if any(t.is_meta for t in tensors) and any(held(t) for t in tensors):
+                    args, kwargs = tree_map(lambda a: a.to("meta") if held(a) else a, (args, kwargs))
+            return func(*args, **kwargs)
+
+    return MetaDevice("meta")
 
 
 def build_model(sc: Scenario):
-    """The scenario's whole model as vLLM constructs it for TP rank 0, on the meta device (cached)."""
+    """The scenario's whole model as vLLM constructs it for TP rank 0, on the meta device (cached).
+
+    vLLM's refusal to build it (an architecture this release or GPU does not support, a per-rank size a
+    quantization block does not divide) is a :class:`BuildRefused` in one line."""
     hit = _models.get(id(sc))
     if hit is not None and hit[0] is sc:
         return hit[1]
-    model = new_model(sc)[0]
+    model, registries = new_model(sc)
     if len(_models) >= _MAX_MODELS:
         _models.pop(next(iter(_models)))
-    _models[id(sc)] = (sc, model)
+    _models[id(sc)] = (sc, model, registries.get("static_forward_context", {}))
     return model
 
 
@@ -92,7 +137,7 @@ def new_model(sc: Scenario, vllm_config=None):
 
     Layers register themselves in the config's static forward context (a name may register once); the meta
     model gets registries of its own so the config stays as vLLM resolved it. Returns (model, {registry name:
-    registry})."""
+    registry}); vLLM's refusal is a :class:`BuildRefused`."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import initialize_model
 
@@ -102,14 +147,107 @@ def new_model(sc: Scenario, vllm_config=None):
     saved = {n: getattr(cc, n) for n in registries}
     for n in registries:
         setattr(cc, n, type(saved[n])())
+    global _building
+    outer, _building = _building, True
     try:
         with rank0(sc), set_current_vllm_config(cfg):
             model = initialize_model(vllm_config=cfg)
         own = {n: getattr(cc, n) for n in registries}
+    except _REFUSALS as e:
+        raise BuildRefused(_explain_refusal(sc, e)) from None
     finally:
+        _building = outer
         for n in registries:
             setattr(cc, n, saved[n])
     return model, own
+
+
+def forward_context(sc: Scenario) -> dict:
+    """The layers the meta model registered in vLLM's static forward context (name -> layer), as vLLM's
+    model runner finds its attention, mamba and MoE layers."""
+    build_model(sc)
+    return _models[id(sc)][2]
+
+
+@contextlib.contextmanager
+def registered(sc: Scenario, registry: dict | None = None):
+    """Inside: the scenario's config holds ``registry`` (default: the meta model's layers) as its static
+    forward context, for vLLM code that finds layers through the config; the resolved config is restored.
+
+    Layers register themselves in the config's static forward context (a name may register once), so
+    each meta model gets a registry of its own and the scenario's config stays as vLLM resolved it."""
+    cc = sc.vllm_config.compilation_config
+    registry = forward_context(sc) if registry is None else registry
+    names = [n for n in ("static_forward_context", "static_all_moe_layers") if hasattr(cc, n)]
+    saved = {n: getattr(cc, n) for n in names}
+    cc.static_forward_context = registry
+    if "static_all_moe_layers" in names:
+        cc.static_all_moe_layers = type(saved["static_all_moe_layers"])()
+    try:
+        yield registry
+    finally:
+        for n in names:
+            setattr(cc, n, saved[n])
+
+
+# --- vLLM's refusals, in one line ------------------------------------------------------------------
+
+_NOT_DIVISIBLE = re.compile(r"=\s*(\d+)\s+is not divisible\s+by\s+[\w ]+?\s*=\s*(\d+)")  # vLLM's wording
+
+
+def _refusing_layer(e: BaseException) -> tuple[str | None, str | None]:
+    """(module prefix, class) of the innermost layer under construction when vLLM raised ``e``."""
+    tb, found = e.__traceback__, (None, None)
+    while tb is not None:
+        f = tb.tb_frame.f_locals
+        prefix = f.get("prefix")
+        if isinstance(prefix, str) and prefix:
+            found = (prefix, type(f["self"]).__name__ if "self" in f else None)
+        tb = tb.tb_next
+    return found
+
+
+def _explain_refusal(sc: Scenario, e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    prefix, cls = _refusing_layer(e)
+    where = f" while building {prefix}" + (f" ({cls})" if cls else "") if prefix else ""
+    m = _NOT_DIVISIBLE.search(text)
+    if not m and "aligned" not in text:
+        return f"vLLM {sc.vllm_version} refuses to build the model{where}: {text}"
+    pc = sc.vllm_config.parallel_config
+    tp, ep = pc.tensor_parallel_size, bool(pc.enable_expert_parallel)
+    return (f"vLLM {sc.vllm_version}{where} at TP {tp}" + (" with EP" if ep else "") + f": {text.rstrip('. ')}; "
+            + _what_builds(sc, m, tp, ep, cls))
+
+
+def _what_builds(sc: Scenario, m, tp: int, ep: bool, cls: str | None) -> str:
+    """The TP sizes (and EP) at which vLLM builds the model instead, confirmed by asking vLLM to build it.
+
+    Where vLLM states its rule (a per-rank size that a block must divide), the TP sizes it accepts for the
+    whole size (per-rank size x TP) are listed, and the largest one below the requested TP is built."""
+    candidates = [t for t in (2 ** k for k in range(8)) if t <= sc.gpu.count and t != tp]
+    if m and ep and cls and "MoE" in cls:
+        m = None  # with EP the experts are not split over TP: vLLM's per-rank size is the whole size
+    if m:
+        size, block = int(m.group(1)) * tp, int(m.group(2))
+        candidates = [t for t in candidates if size % t == 0 and (size // t) % block == 0]
+    smaller = next((t for t in sorted(candidates, reverse=True) if t < tp and _builds(sc, "-tp", str(t))), None)
+    parts = [f"vLLM builds it at TP {smaller}" if smaller else "no smaller TP size builds"]
+    if m:
+        parts[0] += (f" (the rule holds at TP {', '.join(map(str, candidates)) or 'none'} of the powers of two up "
+                     f"to {sc.gpu.count})")
+    if not ep and cls and "MoE" in cls:
+        parts.append("with --enable-expert-parallel (whole experts per rank) it "
+                     + ("builds" if _builds(sc, "--enable-expert-parallel") else "does not build either"))
+    return "; ".join(parts)
+
+
+def _builds(sc: Scenario, *flags: str) -> bool:
+    try:
+        build_model(sc.derive(*flags))
+        return True
+    except DiagError:
+        return False
 
 
 def moe_layers(sc: Scenario) -> list[tuple[str, object]]:

@@ -38,10 +38,12 @@ def config_summary(sc: Scenario) -> dict:
 
 def summarize(sc: Scenario) -> dict:
     """A JSON-ready summary of the resolved scenario, read off vLLM's own objects."""
+    from . import architecture
     from .layers import moe_backend
 
-    return {**config_summary(sc), "attention_backend": compat.attention_backend(sc.vllm_config),
-            "moe": moe_backend(sc)}
+    arch = architecture.facts(sc)
+    return {**config_summary(sc), "attention_backend": architecture.attention_summary(arch),
+            "moe": moe_backend(sc), "architecture": arch}
 
 
 def format_text(s: dict) -> str:
@@ -65,17 +67,21 @@ def format_text(s: dict) -> str:
         ("capture sizes", f"{len(caps)} sizes, max {c['max_cudagraph_capture_size']}: {_runs(caps)}"),
         ("splitting ops", ", ".join(c["splitting_ops"])),
         ("model runner", s["model_runner"]),
-        ("scheduler", f"{sch['scheduler_cls'].rsplit('.', 1)[-1]}, max_num_batched_tokens {sch['max_num_batched_tokens']}, "
+        ("scheduler", (f"{sch['scheduler_cls'].rsplit('.', 1)[-1]}, max_num_batched_tokens {sch['max_num_batched_tokens']}, "
                       f"max_num_seqs {sch['max_num_seqs']}, chunked prefill {_onoff(sch['chunked_prefill'])}, "
-                      f"async {_onoff(sch['async_scheduling'])}"),
-        ("KV cache", f"block_size {cache['block_size']}, gpu_memory_utilization {cache['gpu_memory_utilization']}, "
-                     f"dtype {cache['kv_cache_dtype']}, prefix caching {_onoff(cache['prefix_caching'])}"),
-        ("parallel", f"TP {par['tensor_parallel_size']}, PP {par['pipeline_parallel_size']}, "
-                     f"DP {par['data_parallel_size']}, EP {_onoff(par['enable_expert_parallel'])}"),
+                      f"async {_onoff(sch['async_scheduling'])}")),
+        ("KV cache", (f"block_size {cache['block_size']}, gpu_memory_utilization {cache['gpu_memory_utilization']}, "
+                     f"dtype {cache['kv_cache_dtype']}, prefix caching {_onoff(cache['prefix_caching'])}")),
+        ("parallel", (f"TP {par['tensor_parallel_size']}, PP {par['pipeline_parallel_size']}, "
+                     f"DP {par['data_parallel_size']}, EP {_onoff(par['enable_expert_parallel'])}")),
         ("quantization", s["quantization"] or "none"),
         ("attention", s["attention_backend"]),
         ("MoE", f"{moe['method']} -> {moe['backend']}" if moe else "no MoE layers"),
     ]
+    if "architecture" in s:
+        from .architecture import format_lines
+
+        rows += format_lines(s["architecture"])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
