@@ -14,6 +14,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.models`: model building, MoE layers and kernels
 - :mod:`.attention`: attention backend selection
 - :mod:`.switches`: kill-switch spellings
+- :mod:`.logs`: vLLM's log formatter and the calls behind the log lines diaglib triage reads
 """
 from .attention import (
     attention_backend,
@@ -33,6 +34,14 @@ from .cudagraphs import (
     uniform_decode_query_len,
 )
 from .detect import VllmApiMissing
+from .logs import (
+    decorate_logs,
+    dump_engine_exception,
+    log_formatter,
+    log_non_default_args,
+    prefix_writer,
+    process_in_format,
+)
 from .models import (
     cutlass_index_buffers,
     experts_workspaces,

@@ -1,0 +1,51 @@
+"""vLLM's own logging: its formatter, how it names the writing process, and the calls behind the lines that
+diaglib triage reads (so tests and examples get those lines from vLLM itself)."""
+from __future__ import annotations
+
+import logging
+
+from .detect import VllmApiMissing, first, has
+from .releases import installed
+
+
+def log_formatter() -> logging.Formatter:
+    """The formatter vLLM put on its ``vllm`` logger's handler (NewLineFormatter, or its colour variant)."""
+    import vllm  # noqa: F401  (configures vLLM's logging)
+
+    for h in logging.getLogger("vllm").handlers:
+        if h.formatter is not None:
+            return h.formatter
+    raise VllmApiMissing(f"vLLM {installed()} configured no formatter on its `vllm` logger "
+                         "(VLLM_CONFIGURE_LOGGING=0?)")
+
+
+def process_in_format() -> bool:
+    """Whether vLLM's log format carries the process (``(EngineCore pid=1) INFO ...``, 0.31+), else each
+    process decorates its stdout and stderr with that prefix (utils.decorate_logs)."""
+    return "vllm_process_name" in (log_formatter()._fmt or "")
+
+
+def prefix_writer():
+    """vLLM's ``_add_prefix(file, process_name, pid)`` (decorate_logs' per-line prefix), or None where the
+    process is part of the format instead."""
+    for path in ("vllm.utils.system_utils:_add_prefix", "vllm.utils:_add_prefix"):
+        if has(path):
+            return first("decorate_logs' prefix", path)
+    return None
+
+
+def log_non_default_args():
+    """vLLM's ``log_non_default_args(args)``: the ``non-default args: {...}`` line of ``vllm serve``."""
+    return first("log_non_default_args", "vllm.entrypoints.common.startup:log_non_default_args",
+                 "vllm.entrypoints.serve.utils.api_utils:log_non_default_args",
+                 "vllm.entrypoints.utils:log_non_default_args", "vllm.entrypoints.openai.cli_args:log_non_default_args")
+
+
+def dump_engine_exception():
+    """vLLM's ``dump_engine_exception(config, scheduler_output, scheduler_stats)``: the crash input dump."""
+    return first("dump_engine_exception", "vllm.logging_utils.dump_input:dump_engine_exception")
+
+
+def decorate_logs():
+    """vLLM's ``decorate_logs(process_name)``: what each engine, worker and API process calls at start-up."""
+    return first("decorate_logs", "vllm.utils.system_utils:decorate_logs", "vllm.utils:decorate_logs")

@@ -1,0 +1,119 @@
+"""A vLLM server log as records: bytes -> text -> one :class:`Line` per line, with who wrote it.
+
+What vLLM and its surroundings put around a message is taken off and kept: ANSI colours (also the
+``#033[..m`` form syslog writes), CRLF (vLLM's NewLineFormatter itself ends continuation lines with
+``\\r\\n``), container prefixes (docker compose ``name | ``, CRI ``<time> stdout F``), the process prefix
+(``(EngineCore_DP0 pid=123)``, ``(VllmWorker TP3 pid=9)``: utils.decorate_logs up to 0.30, part of the
+logger's format from 0.31), the logger header (``INFO 08-26 12:00:01 [core.py:74]``; before 0.11 the same
+with the file name, from 0.11 ``fileinfo``) and JSON records (``--log-format json``, 0.32+).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from ..errors import DiagError
+
+SAMPLE = 1 << 16
+_ANSI = re.compile(r"(?:\x1b|#033)\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_PROC = re.compile(r"\((?P<proc>[^()\n]{1,80}?) pid=(?P<pid>\d+)\)\s?")
+_LEVELS = "DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL"
+_HEADER = re.compile(rf"(?P<level>{_LEVELS}) (?P<time>\d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)?) "
+                     r"\[?(?P<src>[\w./\-]+\.py:\d+)\] ?")
+_LEAD = re.compile(r"(?:[\w.\-]+\s+\|\s)?(?:\d{4}-\d\d-\d\d[T ][\d:.,]+(?:Z|[+-]\d\d:?\d\d)?\s+"
+                   r"(?:(?:stdout|stderr)\s+[FP]\s+)?)?")
+
+
+@dataclass(slots=True)
+class Line:
+    """One line of the log: its number (1-based), the writing process, the logger header, the message."""
+
+    n: int
+    text: str
+    proc: str | None = None
+    pid: int | None = None
+    level: str | None = None
+    time: str | None = None
+    src: str | None = None
+
+    @property
+    def stream(self) -> str:
+        """Which process wrote it: 'VllmWorker TP3 pid=9', or '' when the line names none."""
+        return f"{self.proc} pid={self.pid}" if self.pid is not None else ""
+
+
+def decode(data: bytes | str) -> str:
+    """The log as text; a DiagError for an empty log or one that is not text (binary junk)."""
+    if isinstance(data, str):
+        text = data
+    else:
+        if not data.strip():
+            raise DiagError("the log is empty")
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # PowerShell's `>` writes UTF-16
+            text = data.decode("utf-16", errors="replace")
+        else:
+            sample = data[:SAMPLE]
+            bad = sum(1 for b in sample if b < 32 and b not in (9, 10, 13, 27)) + sample.count(0xFF)
+            if bad > len(sample) // 10:
+                raise DiagError(f"this is not a text log: {100 * bad // len(sample)}% of its first "
+                                f"{len(sample):,} bytes are control or invalid bytes")
+            text = data.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise DiagError("the log is empty")
+    if text.count("\x00") > len(text) // 100:
+        raise DiagError("this is not a text log: it is full of NUL bytes")
+    return text
+
+
+def records(text: str):
+    """Every line of ``text`` as a :class:`Line` (a JSON record holding several lines yields several)."""
+    for n, raw in enumerate(text.splitlines(), 1):
+        if "\x1b" in raw or "#033[" in raw:
+            raw = _ANSI.sub("", raw)
+        if raw.startswith('{"') and '"message"' in raw:
+            yield from _json_record(n, raw)
+            continue
+        yield _line(n, raw)
+
+
+def _line(n: int, raw: str) -> Line:
+    s = raw
+    if s[:1].isdigit() or " | " in s[:64]:
+        m = _LEAD.match(s)
+        if m and m.end():
+            s = s[m.end():]
+    proc = pid = None
+    if s.startswith("("):
+        m = _PROC.match(s)
+        if m:
+            proc, pid, s = m.group("proc"), int(m.group("pid")), s[m.end():]
+    m = _HEADER.match(s)
+    if m is None and "] " in s[:200]:
+        m = _HEADER.search(s, 0, 200)  # a VLLM_LOGGING_PREFIX before the level
+    if m is None:
+        return Line(n, s.replace("\x00", ""), proc, pid)
+    rest = s[m.end():]
+    if pid is None and m.start():  # VLLM_LOGGING_PREFIX, then the process, then the header
+        p = _PROC.search(s, 0, m.start())
+        if p:
+            proc, pid = p.group("proc"), int(p.group("pid"))
+    return Line(n, rest.replace("\x00", ""), proc, pid, m.group("level"), m.group("time"), m.group("src"))
+
+
+def _json_record(n: int, raw: str):
+    try:
+        rec = json.loads(raw)
+    except json.JSONDecodeError:
+        yield _line(n, raw)
+        return
+    if not isinstance(rec, dict):
+        yield _line(n, raw)
+        return
+    text = str(rec.get("message", ""))
+    if rec.get("exc_info"):
+        text += "\n" + str(rec["exc_info"])
+    pid = rec.get("process")
+    for part in text.splitlines() or [""]:
+        yield Line(n, part, rec.get("processName"), pid if isinstance(pid, int) else None,
+                   rec.get("levelname"), rec.get("asctime"), rec.get("filename"))
