@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from ..errors import DiagError
 
 SAMPLE = 1 << 16
-_ANSI = re.compile(r"(?:\x1b|#033)\[[0-9;?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+_ANSI = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|[@-Z\\-_])")
 _PROC = re.compile(r"\((?P<proc>[^()\n]{1,80}?) pid=(?P<pid>\d+)\)\s?")
 _LEVELS = "DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL"
 _HEADER = re.compile(rf"(?P<level>{_LEVELS}) (?P<time>\d\d-\d\d \d\d:\d\d:\d\d(?:[.,]\d+)?) "
                      r"\[?(?P<src>[\w./\-]+\.py:\d+)\] ?")
+# the common case in one match: an optional process prefix, then the header
+_FAST = re.compile(r"(?:\((?P<proc>[^()\n]{1,80}?) pid=(?P<pid>\d+)\)\s?)?" + _HEADER.pattern)
 _LEAD = re.compile(r"(?:[\w.\-]+\s+\|\s)?(?:\d{4}-\d\d-\d\d[T ][\d:.,]+(?:Z|[+-]\d\d:?\d\d)?\s+"
                    r"(?:(?:stdout|stderr)\s+[FP]\s+)?)?")
 
@@ -36,11 +38,11 @@ class Line:
     level: str | None = None
     time: str | None = None
     src: str | None = None
+    stream: str = ""  # which process wrote it: 'VllmWorker TP3 pid=9', or '' when the line names none
 
-    @property
-    def stream(self) -> str:
-        """Which process wrote it: 'VllmWorker TP3 pid=9', or '' when the line names none."""
-        return f"{self.proc} pid={self.pid}" if self.pid is not None else ""
+    def __post_init__(self):
+        if self.pid is not None and not self.stream:
+            self.stream = f"{self.proc} pid={self.pid}"
 
 
 def decode(data: bytes | str) -> str:
@@ -68,9 +70,25 @@ def decode(data: bytes | str) -> str:
 
 def records(text: str):
     """Every line of ``text`` as a :class:`Line` (a JSON record holding several lines yields several)."""
+    if "#033[" in text:  # syslog's escape of ESC
+        text = text.replace("#033[", "\x1b[")
+    if "\x1b" in text:
+        text = _ANSI.sub("", text)
+    streams: dict[tuple, str] = {}
+    fast = _FAST.match
     for n, raw in enumerate(text.splitlines(), 1):
-        if "\x1b" in raw or "#033[" in raw:
-            raw = _ANSI.sub("", raw)
+        m = fast(raw)
+        if m is not None:  # the common case: [process prefix] LEVEL time [file:line] message
+            proc, pid = m.group("proc"), m.group("pid")
+            if pid is not None:
+                key = (proc, pid)
+                stream = streams.get(key) or streams.setdefault(key, f"{proc} pid={pid}")
+                yield Line(n, raw[m.end():].replace("\x00", ""), proc, int(pid), m.group("level"), m.group("time"),
+                           m.group("src"), stream)
+            else:
+                yield Line(n, raw[m.end():].replace("\x00", ""), None, None, m.group("level"), m.group("time"),
+                           m.group("src"))
+            continue
         if raw.startswith('{"') and '"message"' in raw:
             yield from _json_record(n, raw)
             continue

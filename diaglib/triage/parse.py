@@ -36,6 +36,9 @@ MAX_MODEL_LEN = re.compile(r"Using max model len (?P<n>\d+)")
 KV_TOKENS = re.compile(r"GPU KV cache size: (?P<n>[\d,]+) tokens")
 REQUEST = re.compile(r"(?:Received request|Request) (?P<id>\S+?):? .*?prompt_token_ids: (?P<ids>\[[^\]]*\]?)")
 SANITIZER = re.compile(r"^=+ ")
+# a line is looked at closer only if it has one of these (one search per line keeps 50 MB logs fast)
+_ANY = re.compile(r"rror|LLM engine \(v|Dumping |non-default args|ersion|█|max_num_batched_tokens=|max model len|"
+                  r"KV cache size|prompt_token_ids: \[|NVIDIA|^=|xception|illegal|CUDA|fatal")
 IMPORTANT = re.compile(r"illegal memory access|CUDA error|CUDA driver error|Triton Error|AcceleratorError|"
                        r"device-side assert|out of memory|EngineDeadError|Worker failed|fatal error", re.I)
 
@@ -110,27 +113,33 @@ class LogFacts:
         return out
 
 
-def _gpu_patterns() -> list[tuple[str, re.Pattern]]:
-    pats = []
-    for name in sorted(catalog(), key=len, reverse=True):
-        body = re.escape(name).replace(r"\ ", "[ _]")
-        pats.append((name, re.compile(rf"(?<![\w-]){body}(?![\w-])")))
-    return pats
+def _gpu_pattern() -> tuple[re.Pattern, dict[str, str]]:
+    """One pattern for every catalog GPU name (spaces may be underscores, as in vLLM's config file names)."""
+    names = sorted(catalog(), key=len, reverse=True)
+    norm = {n.replace(" ", "_"): n for n in names}
+    body = "|".join(re.escape(n).replace(r"\ ", "[ _]") for n in names)
+    return re.compile(rf"(?<![\w-])(?:{body})(?![\w-])"), norm
 
 
 def parse(text: str) -> LogFacts:
     """Read a log (see the module docstring). A DiagError when nothing in it is recognisable."""
     facts = LogFacts()
-    gpu_pats = _gpu_patterns()
+    gpu_rx, gpu_names = _gpu_pattern()
     pending_stats: list[str] = []
     heads: list[EngineStart] = []
 
+    procs = facts.processes
+    interesting = _ANY.search
+
     def scan(recs):
+        ln = None
         for ln in recs:
-            facts.lines = ln.n
             key = ln.stream
-            facts.processes[key] = facts.processes.get(key, 0) + 1
+            procs[key] = procs.get(key, 0) + 1
             t = ln.text
+            if interesting(t) is None and ln.level not in ("ERROR", "CRITICAL", "FATAL"):
+                yield ln
+                continue
             if ln.level in ("ERROR", "CRITICAL", "FATAL") or ("rror" in t and IMPORTANT.search(t)):
                 if len(facts.errors) < 200:
                     facts.errors.append((ln.n, t[:500]))
@@ -190,13 +199,14 @@ def parse(text: str) -> LogFacts:
                     facts.prompts.append({"line": ln.n, "request": m.group("id"), "tokens": n,
                                           "exact": complete})
             if "NVIDIA" in t:
-                for name, rx in gpu_pats:
-                    if rx.search(t):
-                        facts.gpus[name] = facts.gpus.get(name, 0) + 1
-                        break
+                m = gpu_rx.search(t)
+                if m:
+                    name = gpu_names[m.group(0).replace(" ", "_")]
+                    facts.gpus[name] = facts.gpus.get(name, 0) + 1
             if t.startswith("=") and SANITIZER.match(t) and len(facts.sanitizer) < 400:
                 facts.sanitizer.append(t)
             yield ln
+        facts.lines = ln.n if ln is not None else 0
 
     facts.tracebacks = tracebacks.extract(scan(lines.records(text)))
     if not facts.engines and heads:

@@ -29,7 +29,7 @@ _LAUNCHES = [
     ("triton kernel", re.compile(r"\b([A-Za-z_]\w*)\[\s*(?:grid|\(|lambda)")),
     ("vLLM custom op", re.compile(r"torch\.ops\.(_\w+)\.(\w+)")),
 ]
-_LAUNCH_FUNCS = re.compile(r"^(?:run|launcher|_launch_kernel|launch|__call__)$")
+_RUNTIME = re.compile(r"/(?:torch|triton)/|^<")  # frames of the runtime under a launch
 # Frames that wait for the GPU (an asynchronous fault surfaces there, whatever kernel made it).
 _SYNC = re.compile(r"\.item\(\)|\.tolist\(\)|\.cpu\(\)|\.numpy\(\)|synchronize\(|\.wait\(|_to_list\(|"
                    r"get_output\(|\.to\([^)]*['\"]cpu|non_blocking|copy_\(|all_reduce|all_gather|broadcast\(|"
@@ -110,8 +110,12 @@ def extract(lines) -> list[Traceback]:
 
     for ln in lines:
         key = ln.stream
-        text = _RANK.sub("", ln.text, count=1) if ln.text.startswith("[rank") else ln.text
+        text = ln.text
         st = state.get(key)
+        if st is None and "Traceback (most" not in text and "above exception" not in text:
+            continue  # most lines: no traceback open in this process, none starting
+        if text.startswith("[rank"):
+            text = _RANK.sub("", text, count=1)
         stripped = text.strip()
         if stripped == _START or stripped.endswith(_START):
             chained = bool(st and st.get("chain"))
@@ -189,9 +193,13 @@ def surfaced_kind(tb: Traceback) -> tuple[str, str]:
         return "other", "no frame"
     if _SYNC.search(f.code) or _SYNC_FUNCS.search(f.func):
         return "sync", f"{f.where} waits for the GPU ({f.code or f.func})"
-    launching = next((g for g in reversed(tb.frames) if any(rx.search(g.code) for _, rx in _LAUNCHES)), None)
-    runtime = _LAUNCH_FUNCS.match(f.func) and re.search(r"triton|_inductor|_ops\.py|^<", f.path)
-    if launching is not None and (launching is f or runtime):
+    at = next((i for i in range(len(tb.frames) - 1, -1, -1)
+               if any(rx.search(tb.frames[i].code) for _, rx in _LAUNCHES)), None)
+    launching = tb.frames[at] if at is not None else None
+    after = tb.frames[at + 1:] if at is not None else []
+    # below the launching line only the launch itself: what it called, then the runtime's launcher frames
+    only_launch = len(after) <= 4 and all(k == 0 or _RUNTIME.search(g.path) for k, g in enumerate(after))
+    if launching is not None and only_launch:
         name, _ = kernel(tb)
         return "launch", (f"the launch of {name or 'a kernel'} ({launching.code}, {launching.where}) reported it"
                           + (f"; innermost frame {f.where}" if launching is not f else ""))
