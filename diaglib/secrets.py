@@ -71,7 +71,7 @@ def this_host() -> tuple[str, ...]:
     except OSError:
         pass
     names |= {n.split(".")[0] for n in names}
-    return tuple(n for n in names if n)
+    return tuple(sorted(n for n in names if n and n not in _LOCAL and not n.startswith("localhost")))
 
 
 def redact(text: str, env: Mapping[str, str] | None = None, marker: str = REDACTED) -> str:

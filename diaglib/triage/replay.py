@@ -38,6 +38,8 @@ class Step:
     source: str
     prompt_lens: list[int] = field(default_factory=list)  # of the new requests whose whole prompt is known
     last_chunk: bool = False  # some request finishes its prefill in this step
+    queries: list[int] = field(default_factory=list)  # per request: tokens in this step
+    contexts: list[int] = field(default_factory=list)  # per request: tokens computed before it (0 if unknown)
 
     @property
     def mix(self) -> str:
@@ -63,7 +65,8 @@ def from_dump(d: StepDump) -> Step:
                 schedule=" ".join(f"{r.req_id}:{r.tokens}{_CODE[r.phase]}" for r in d.requests),
                 source=f"the crash input dump (log line {d.line})",
                 prompt_lens=[r.prompt_len for r in d.requests if r.new and r.prompt_len],
-                last_chunk=any(r.phase == "last-prefill-chunk" for r in d.requests))
+                last_chunk=any(r.phase == "last-prefill-chunk" for r in d.requests),
+                queries=[r.tokens for r in d.requests], contexts=[r.computed_before or 0 for r in d.requests])
 
 
 def candidates(sc, lengths: list[int], output_len: int = 2) -> tuple[list[Step], list[str]]:
@@ -88,7 +91,8 @@ def candidates(sc, lengths: list[int], output_len: int = 2) -> tuple[list[Step],
         out.append(Step(int(row.total_tokens), int(row.num_reqs), int(row.max_query_len), int(row.num_prefill),
                         int(row.num_decode), row.schedule, f"candidate: step {row.step} of the traced workload",
                         [int(p) for p in reqs.prompt_len[reqs.phase != "decode"]],
-                        bool((reqs.phase == "last-prefill-chunk").any())))
+                        bool((reqs.phase == "last-prefill-chunk").any()),
+                        [int(x) for x in reqs.tokens], [int(x) for x in reqs.computed_before]))
     out.sort(key=lambda s: -s.tokens)
     return out, notes
 
@@ -165,12 +169,32 @@ def census_module():
         return None
 
 
-def census_headroom(sc, step: Step) -> dict:
-    """The census's headroom at this step: the ops nearest 2^31 - 1 and the CUDA grid limits.
+def census_headroom(sc, step: Step, top: int = 5) -> dict:
+    """The census's headroom at this step: the per-step tensors nearest 2^31 - 1 (largest index into each).
 
-    ``{"available": False, "why": ...}`` while the census module is absent.
+    The census (issue 14) records one forward pass of vLLM's model for the step's exact batch (each request's
+    tokens and context); ``{"available": False, "why": ...}`` while the module is absent or cannot answer.
     """
     census = census_module()
     if census is None:
         return {"available": False, "why": f"{CENSUS_MODULE} is not available in this diaglib"}
-    return {"available": False, "why": f"{CENSUS_MODULE} exists but triage does not read it yet"}
+    if not (hasattr(census, "Step") and hasattr(census, "tensors")):
+        return {"available": False, "why": f"{CENSUS_MODULE} has no Step / tensors() (not the API triage reads)"}
+    kind = {"prefill": "prefill", "decode": "decode"}.get(step.mix, "mixed")
+    queries = step.queries or [step.tokens]
+    contexts = step.contexts or [0] * len(queries)
+    try:
+        df = census.tensors(sc, census.Step(kind, tuple(queries), tuple(contexts)))
+    except Exception as e:  # noqa: BLE001 - the census is advice here: its failure is said, the triage goes on
+        return {"available": False, "why": f"the census cannot record this step: {type(e).__name__}: {e}"}
+    if df.empty:
+        return {"available": False, "why": "the census recorded no tensors"}
+    per_step = df[df["state"].isna()] if "state" in df else df
+    per_step = per_step.assign(frac_2_31=per_step["index_max"] / 2**31)
+    near = per_step.sort_values("index_max", ascending=False).drop_duplicates(["op", "role", "io"]).head(top)
+    rows = [{"op": r.op, "module": r.module, "role": r.role, "shape": tuple(r.shape), "dtype": str(r.dtype),
+             "index_max": int(r.index_max), "frac_2_31": float(r.frac_2_31)} for r in near.itertuples()]
+    first = rows[0] if rows else None
+    return {"available": True, "rows": rows, "ops": int(df["seq"].nunique()) if "seq" in df else len(df),
+            "summary": (f"nearest to 2^31 of {len(per_step):,} per-step tensors: {first['op']} {first['shape']} "
+                        f"{first['frac_2_31']:.3f} x 2^31 ({first['module']})") if first else "no per-step tensors"}

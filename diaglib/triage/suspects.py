@@ -182,10 +182,10 @@ def _rule_out(s: Suspect, text: str) -> None:
 
 
 def _verdict(s: Suspect, m, log_version, judged_by) -> str:
+    if s.ruled_out_by:  # said first: the contradiction names the threshold
+        return "ruled out"
     if m is not None and not m.applies and (log_version is None or log_version == judged_by) and not s.evidence_for:
         return "does not apply"
-    if s.ruled_out_by:
-        return "ruled out"
     weak = any(e.startswith("the named kernel") for e in s.evidence_for)
     if s.strong and not s.evidence_against:
         return "fits"
