@@ -1,16 +1,22 @@
-# The two set-up commands of the README. Each creates what it needs (scripts/venv.sh) on a fresh machine.
-VERSIONS := 0.20.2 0.10.1.1
+# The two set-up commands of the README (report, test), and the release matrix. Each creates what it needs on a
+# fresh machine: the tools (uv, nox) in .venvs/tools, then each vLLM release's environment (scripts/venv.sh, uv).
 REFERENCE := 0.20.2
+TOOLS := .venvs/tools/bin
 
-.PHONY: report test
+.PHONY: report test matrix tools
 
-report:  ## build the HTML reports for the default scenario into reports/
-	scripts/venv.sh $(REFERENCE)
+tools: $(TOOLS)/nox
+$(TOOLS)/nox: envs/tools.txt
+	python3 -m venv .venvs/tools
+	$(TOOLS)/python -m pip install -q --disable-pip-version-check -r envs/tools.txt
+	touch $@
+
+report: tools  ## build the HTML reports for the default scenario into reports/
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" scripts/venv.sh $(REFERENCE)
 	.venvs/vllm-$(REFERENCE)/bin/diaglib report -o reports
 
-test:  ## run the test suite under every supported vLLM version (all environments first: tests cross versions)
-	@set -e; for v in $(VERSIONS); do scripts/venv.sh $$v; done; \
-	for v in $(VERSIONS); do \
-	  echo "== tests under vLLM $$v"; \
-	  .venvs/vllm-$$v/bin/python -m pytest -q; \
-	done
+test: tools  ## the full test suite under each CI release (noxfile.py: 0.10.1.1, 0.20.2, 0.33.0)
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(TOOLS)/nox -s tests
+
+matrix: tools  ## every supported release in turn: build, version contract, remove; then docs/compat.md
+	PATH="$(CURDIR)/$(TOOLS):$$PATH" $(TOOLS)/nox -s contract compat_md

@@ -16,6 +16,7 @@ def _scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", help='GPU to resolve for, e.g. "NVIDIA H200" (default: the scenario\'s)')
     p.add_argument("--gpu-count", type=int, help="GPUs on the host (default: the scenario's, else 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--vllm", default=argparse.SUPPRESS, help="as the global --vllm (here too for convenience)")
 
 
 def _load(args):
@@ -33,6 +34,20 @@ def cmd_show(args) -> None:
 
     s = summarize(_load(args))
     _print(args, s, format_text(s))
+
+
+def cmd_compare(args) -> None:
+    """Several releases side by side (each answers in its own environment), differences first."""
+    from .present.versions import compare, format_text, versions_arg
+
+    versions = versions_arg(args.vllm or "")
+    scenario = [args.scenario] if args.scenario else []
+    for flag, value in (("--cmd", args.cmd), ("--gpu", args.gpu), ("--gpu-count", args.gpu_count)):
+        if value is not None:
+            scenario += [flag, str(value)]
+    tokens = getattr(args, "tokens", None)
+    df = compare(versions, scenario, tokens)
+    _print(args, json.loads(df.to_json(orient="records")), format_text(df, all_fields=getattr(args, "all", False)))
 
 
 def cmd_report(args) -> int:
@@ -357,13 +372,22 @@ def cmd_triage(args) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diaglib", description=__doc__)
-    parser.add_argument("--vllm", help=f"which installed vLLM answers ({', '.join(compat.supported())}); "
-                                       "default: the scenario's, else this environment's")
+    parser.add_argument("--vllm", help="which vLLM release answers (a supported one: its project environment); "
+                                       "default: the scenario file's, else this environment's. show/compare "
+                                       "take several, comma-separated")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("show", help="the resolved vLLM configuration that matters at token boundaries")
     _scenario_args(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compare", help="several vLLM releases side by side, differences first: "
+                                       "--vllm 0.10.1.1,0.33.0 (also: show --vllm A,B)")
+    _scenario_args(p)
+    p.add_argument("--tokens", type=int, nargs="+", metavar="N",
+                   help="also compare the dispatch of steps of N tokens (default: the budget and one below)")
+    p.add_argument("--all", action="store_true", help="also list the answers that are the same")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("moe", help="MoE kernels, Triton config, buffers and grids for one step of M tokens")
     _scenario_args(p)
@@ -499,6 +523,8 @@ def _wanted_version(args) -> str | None:
 def _reexec_if_needed(args, argv: list[str]) -> None:
     """Hand over to the project's environment for another vLLM version (scripts/venv.sh makes them). The
     arguments go over unchanged, so the other side finds the same reason (--vllm or the scenario's pin)."""
+    if args.vllm and "," in args.vllm:
+        return  # several releases: compare asks each in its own environment
     wanted = _wanted_version(args)
     if not wanted or wanted == compat.installed():
         return
@@ -511,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury our output
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.vllm and "," in args.vllm and args.command in ("show", "compare"):
+        args.func, args.tokens, args.all = cmd_compare, getattr(args, "tokens", None), getattr(args, "all", False)
     try:
         _reexec_if_needed(args, argv)
         rc = args.func(args)

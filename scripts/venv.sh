@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Create or update the virtual environment for one supported vLLM version, with uv:
-#   scripts/venv.sh 0.20.2      -> .venvs/vllm-0.20.2: vLLM (envs/vllm-0.20.2.txt) + diaglib[dev], editable
+#   scripts/venv.sh 0.20.2            -> .venvs/vllm-0.20.2: vLLM (envs/vllm-0.20.2.txt) + diaglib[dev], editable
+#   scripts/venv.sh --remove 0.24.0   -> delete it and empty uv's cache (the matrix does this as it goes)
 # Dependencies resolve as of the date in the file's "# exclude-newer:" line (a week after that release), so an
 # old vLLM gets the libraries it was released with. uv hard-links from its cache: a second environment with
 # the same torch costs seconds and little disk. A rerun does nothing unless envs/ or pyproject.toml changed.
 set -euo pipefail
-VERSION=${1:?usage: scripts/venv.sh VLLM_VERSION}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+UV=${UV:-$(command -v uv || echo "$ROOT/.venvs/tools/bin/uv")}
+if [ "${1:-}" = "--remove" ]; then
+  rm -rf "$ROOT/.venvs/vllm-${2:?usage: scripts/venv.sh --remove VLLM_VERSION}"
+  "$UV" cache clean >/dev/null 2>&1 || true  # the files live on in the other environments (hard links)
+  exit 0
+fi
+VERSION=${1:?usage: scripts/venv.sh [--remove] VLLM_VERSION}
 REQ="$ROOT/envs/vllm-$VERSION.txt"
 [ -f "$REQ" ] || { echo "venv: vLLM $VERSION is not supported (no envs/vllm-$VERSION.txt)" >&2; exit 2; }
-UV=${UV:-$(command -v uv || echo "$ROOT/.venvs/tools/bin/uv")}
 [ -x "$UV" ] || { echo "venv: uv not found (make tools installs it into .venvs/tools)" >&2; exit 2; }
 VENV="$ROOT/.venvs/vllm-$VERSION"
 STAMP="$VENV/.diaglib-stamp"

@@ -453,3 +453,33 @@ def live_heatmap(grid, *, title: str | None = None):
         fig.legend(handles=[Patch(facecolor=OUTCOME_COLORS.get(o, other), label=o.replace("_", " ")) for o in present],
                    loc="outside lower center", ncol=min(len(present), 5))
     return fig
+
+
+def release_grid(features, *, title: str = "What the seed's command gets, release by release"):
+    """A feature x release grid (present.versions.release_features): equal colours in a row are equal answers; a
+    colour change is where an upgrade changed it. Each value is written once, where it first appears."""
+    import numpy as np
+
+    rows, cols = list(features.index), list(features.columns)
+    fig, ax = figure(height=0.55 * len(rows) + 1.6)
+    codes = np.full((len(rows), len(cols)), np.nan)
+    for i, f in enumerate(rows):
+        seen: dict = {}
+        for j, v in enumerate(cols):
+            val = features.loc[f, v]
+            if val is None or val != val:
+                continue
+            codes[i, j] = seen.setdefault(val, len(seen)) % len(SERIES)
+            if j == 0 or features.loc[f, cols[j - 1]] != val:
+                ax.text(j - 0.45, i, _short(str(val)), va="center", ha="left", fontsize=7, clip_on=True)
+    cmap = mpl.colors.ListedColormap([mpl.colors.to_rgba(c, 0.35) for c in SERIES])
+    ax.imshow(codes, aspect="auto", cmap=cmap, vmin=0, vmax=len(SERIES) - 1, interpolation="nearest")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.grid(False)
+    ax.set_title(title)
+    return fig
+
+
+def _short(text: str, width: int = 28) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,67 @@
+"""The vLLM release matrix as code: one nox session per release and purpose.
+
+Every session runs in the project's environment for its release, `.venvs/vllm-X`, which `scripts/venv.sh X`
+builds with uv (resolved as of a week after that release). The same environment serves the tests, the version
+contract and `diaglib --vllm X`, so nox creates none of its own (venv_backend "none").
+
+    nox -s tests              # the full suite under the CI releases (what `make test` runs)
+    nox -s "tests(vllm='0.33.0')"
+    nox -s contract           # every supported release: build, contract suite, remove (what `make matrix` runs)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+nox.options.default_venv_backend = "none"
+nox.options.sessions = ["tests"]
+nox.options.error_on_external_run = False
+
+CI = ["0.10.1.1", "0.20.2", "0.33.0"]  # the seed's release, the reference (runs on our H200), the newest
+
+
+def _key(v: str):
+    return tuple(int(p) for p in v.split("."))
+
+
+SUPPORTED = sorted((p.stem.removeprefix("vllm-") for p in (ROOT / "envs").glob("vllm-*.txt")), key=_key)
+
+
+def _python(version: str) -> str:
+    return str(ROOT / ".venvs" / f"vllm-{version}" / "bin" / "python")
+
+
+@nox.session
+def envs(session):
+    """Build (or check) every CI release's environment first: some tests hand over to another release."""
+    for v in CI:
+        session.run("scripts/venv.sh", v, external=True)
+
+
+@nox.session(requires=["envs"])
+@nox.parametrize("vllm", CI)
+def tests(session, vllm):
+    """The full test suite under one CI release. pytest's "no tests ran" (exit 5) fails the session."""
+    session.run(_python(vllm), "-m", "pytest", "-q", *session.posargs, external=True)
+
+
+@nox.session
+@nox.parametrize("vllm", SUPPORTED)
+def contract(session, vllm):
+    """The version contract under one release: build its environment, run the contract, write
+    data/matrix/vllm-X.json, and remove the environment again unless it is a CI one (disk: 8-10 GB each)."""
+    session.run("scripts/venv.sh", vllm, external=True)
+    try:
+        session.run(_python(vllm), "scripts/contract.py", "--out", f"data/matrix/vllm-{vllm}.json",
+                    *session.posargs, external=True)
+    finally:
+        if vllm not in CI:
+            session.run("scripts/venv.sh", "--remove", vllm, external=True)
+
+
+@nox.session
+def compat_md(session):
+    """docs/compat.md from the committed matrix results (no vLLM needed)."""
+    session.run("python3", "scripts/compat_md.py", external=True)
