@@ -31,6 +31,17 @@ def read(text: str) -> parse.LogFacts:
     return parse.parse(lines.decode(text))
 
 
+@pytest.fixture(scope="module")
+def scheduler_runs(scenario):
+    """Skip what needs diaglib's drive of vLLM's scheduler where diaglib.compat does not reach this vLLM yet."""
+    from diaglib.predict.schedule import Engine
+
+    try:
+        Engine(scenario, 64 << 30)
+    except AttributeError as e:
+        pytest.skip(f"diaglib.compat cannot build vLLM {compat.installed()}'s scheduler yet: {e}")
+
+
 # --- vLLM's own lines, read back ------------------------------------------------------------------
 
 def test_engine_line_of_a_real_vllm_config(scenario):
@@ -66,7 +77,7 @@ def test_non_default_args_rebuild_the_same_serve_arguments(scenario):
     assert vars(rebuilt) == vars(original), "vLLM's parser reads the rebuilt command as the original"
 
 
-def test_input_dump_of_one_prompt_at_the_budget(scenario):
+def test_input_dump_of_one_prompt_at_the_budget(scenario, scheduler_runs):
     log = emit.Log()
     out = emit.crash_dump(log, scenario, [8192])
     d = read(log.text()).dump
@@ -75,7 +86,7 @@ def test_input_dump_of_one_prompt_at_the_budget(scenario):
     assert [(r.new, r.prompt_len, r.computed_before, r.phase) for r in d.requests] == [(True, 8192, 0, "last-prefill-chunk")]
 
 
-def test_input_dump_of_a_mixed_step_agrees_with_the_scheduler_trace(scenario):
+def test_input_dump_of_a_mixed_step_agrees_with_the_scheduler_trace(scenario, scheduler_runs):
     from diaglib.predict import schedule, workload
 
     prompts = [8192, 8193, 20000]
@@ -214,7 +225,7 @@ def test_page_escapes_every_string_and_redacts_secrets(monkeypatch):
 
 # --- without an input dump: candidate steps from the logged workload -----------------------------------
 
-def test_candidate_steps_from_the_prompts_in_the_log(scenario):
+def test_candidate_steps_from_the_prompts_in_the_log(scenario, scheduler_runs):
     from diaglib.predict import schedule, workload
 
     log = emit.Log()

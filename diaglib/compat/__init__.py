@@ -35,6 +35,7 @@ from .cudagraphs import (
 )
 from .detect import VllmApiMissing
 from .logs import (
+    configure_logging,
     decorate_logs,
     dump_engine_exception,
     log_formatter,

@@ -8,10 +8,20 @@ from .detect import VllmApiMissing, first, has
 from .releases import installed
 
 
+def configure_logging() -> None:
+    """Set up vLLM's logging as its processes do: from a LoggingConfig where vLLM configures it explicitly
+    (``vllm.logger.configure_logging_if_needed``, 0.33), else it was done when vLLM was imported."""
+    import vllm  # noqa: F401  (up to 0.32: configures vLLM's logging)
+
+    if has("vllm.logger:configure_logging_if_needed") and has("vllm.config.logging:LoggingConfig"):
+        config = first("LoggingConfig", "vllm.config.logging:LoggingConfig")()
+        first("configure_logging_if_needed", "vllm.logger:configure_logging_if_needed")(config)
+
+
 def log_formatter() -> logging.Formatter:
     """The formatter vLLM put on its ``vllm`` logger's handler (NewLineFormatter, or its colour variant)."""
-    import vllm  # noqa: F401  (configures vLLM's logging)
-
+    if not any(h.formatter for h in logging.getLogger("vllm").handlers):
+        configure_logging()
     for h in logging.getLogger("vllm").handlers:
         if h.formatter is not None:
             return h.formatter

@@ -10,6 +10,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .. import compat
+from ..errors import DiagError
 from ..secrets import redact
 from . import crash as crash_mod
 from . import lines, parse, rebuild, replay, suspects
@@ -89,7 +90,11 @@ def triage(data: bytes | str, *, source: str = "log", model_dir: str | None = No
     lengths = prompts or [p["tokens"] for p in facts.prompts if p["exact"]]
     if sc is not None and step is None:
         if lengths:
-            t.candidates, notes = replay.candidates(sc, lengths)
+            try:
+                t.candidates, notes = replay.candidates(sc, lengths)
+            except (DiagError, AttributeError, TypeError) as e:  # the scheduler replay of this vLLM failed
+                notes = [f"no candidate steps: diaglib could not run vLLM {sc.vllm_version}'s scheduler "
+                         f"({type(e).__name__}: {e})"]
             t.notes += notes
             t.notes.append(f"no input dump in the log: {len(t.candidates)} candidate step(s) from "
                            f"{len(lengths)} prompt length(s) " + ("given" if prompts else "in the request log"))

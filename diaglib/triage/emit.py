@@ -192,8 +192,7 @@ def _fused_experts(tokens: int):
 def planted_worker(process: str = "VllmWorker TP0", tokens: int = 8192) -> None:
     """What a worker prints when a kernel launch fails: vLLM's decorate_logs, then vLLM's logger.exception
     with the real traceback of the planted fault (run in a child: ``python -m diaglib.triage.emit``)."""
-    import vllm  # noqa: F401  (vLLM's logging configuration)
-
+    compat.configure_logging()
     compat.decorate_logs()(process)
     logger = logging.getLogger("vllm.v1.executor.multiproc_executor")
     try:

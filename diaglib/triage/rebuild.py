@@ -42,7 +42,7 @@ COMPILATION_KEYS = ("mode", "level", "backend", "use_inductor", "cudagraph_mode"
                     "cudagraph_capture_sizes", "max_cudagraph_capture_size", "compile_sizes", "full_cuda_graph")
 # ignored: not engine arguments (the CLI's own), or fields that name this machine's files
 INTERNAL = {"subparser", "dispatch_function", "model_tag", "model", "served_model_name", "tokenizer"}
-LOCAL_FIELDS = {"model", "tokenizer", "served_model_name", "download_dir"}
+_ENUM = re.compile(r"^[A-Z]\w*\.[A-Z][A-Z0-9_]*$")  # an enum repr as values.value reads it: Class.MEMBER
 
 
 @dataclass
@@ -95,12 +95,22 @@ def serve_actions() -> dict[str, argparse.Action]:
     return {a.dest: a for a in serve._actions if a.option_strings}
 
 
-def _long(action: argparse.Action, negative: bool = False) -> str | None:
-    opts = [o for o in action.option_strings if o.startswith("--")]
-    if negative:
-        return next((o for o in opts if o.startswith("--no-")), None)
-    opts = [o for o in opts if not o.startswith("--no-")] or opts
-    return max(opts, key=len) if opts else action.option_strings[0]
+def _long(action: argparse.Action) -> str:
+    """The argument's longest spelling (``--tensor-parallel-size`` rather than ``-tp``)."""
+    return max(action.option_strings, key=len)
+
+
+def _switch(action: argparse.Action, on: bool) -> str | None:
+    """The spelling of a switch that sets it to ``on``, found by applying each spelling as vLLM's parser would."""
+    for opt in sorted(action.option_strings, key=len, reverse=True):
+        ns = argparse.Namespace()
+        try:
+            action(None, ns, [], option_string=opt)
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if getattr(ns, action.dest, None) is on:
+            return opt
+    return None
 
 
 def _plain(v):
@@ -109,7 +119,7 @@ def _plain(v):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
-    if isinstance(v, str) and "." in v and v.split(".", 1)[0][:1].isupper() and " " not in v:
+    if isinstance(v, str) and _ENUM.match(v):
         return values.enum_member(v)  # CUDAGraphMode.FULL -> FULL
     return v
 
@@ -121,15 +131,10 @@ def argv_for(dest: str, value) -> tuple[list[str] | None, str | None]:
         return None, f"vLLM {compat.installed()}'s serve parser has no argument {dest!r}"
     if value is None:
         return None, f"{dest}=None in the log (a default of None cannot be passed as a flag)"
-    if action.nargs == 0:  # store_true / store_false / BooleanOptionalAction
+    if action.nargs == 0:  # a switch: store_true / store_false / --x / --no-x / --enable-x / --disable-x
         on = bool(value) if not isinstance(value, str) else value.lower() in ("true", "1", "yes")
-        const = getattr(action, "const", None)
-        if isinstance(action, argparse.BooleanOptionalAction):
-            flag = _long(action, negative=not on)
-            return ([flag], None) if flag else (None, f"{dest}={value}: no --no- form")
-        if const is True or const is None:
-            return ([_long(action)], None) if on else (None, f"{dest}=False is the default of a switch")
-        return ([_long(action)], None) if not on else (None, f"{dest}=True is the default of a switch")
+        flag = _switch(action, on)
+        return ([flag], None) if flag else (None, f"{dest}={value}: no serve flag sets it (it is the default)")
     flag = _long(action)
     if isinstance(value, (dict, values.Call)):
         return [flag, json.dumps(_plain(value), separators=(",", ":"))], None
