@@ -92,7 +92,7 @@ def triage(data: bytes | str, *, source: str = "log", model_dir: str | None = No
         if lengths:
             try:
                 t.candidates, notes = replay.candidates(sc, lengths)
-            except (DiagError, AttributeError, TypeError) as e:  # the scheduler replay of this vLLM failed
+            except (DiagError, *replay.COMPAT_GAPS) as e:  # the scheduler replay of this vLLM failed
                 notes = [f"no candidate steps: diaglib could not run vLLM {sc.vllm_version}'s scheduler "
                          f"({type(e).__name__}: {e})"]
             t.notes += notes
@@ -115,7 +115,13 @@ def triage(data: bytes | str, *, source: str = "log", model_dir: str | None = No
 def _suspects(t: Triage, sc) -> list[suspects.Suspect]:
     from ..predict import known_issues
 
-    matches = known_issues.match(sc) if sc is not None else None
+    matches = None
+    if sc is not None:
+        try:
+            matches = known_issues.match(sc)
+        except replay.COMPAT_GAPS as e:
+            t.notes.append(f"the known classes are judged from the log alone: diaglib cannot match them on vLLM "
+                           f"{sc.vllm_version} yet ({type(e).__name__}: {e})")
     return suspects.rank(matches, known_issues.catalog(), t.step, t.replays[0] if t.replays and t.step else None,
                          t.crash, log_version=t.version["log_release"] or t.version["log"],
                          judged_by=sc.vllm_version if sc is not None else None,
