@@ -122,17 +122,24 @@ def test_a_fault_planted_in_a_child_worker():
 # --- the seed log, end to end ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def seed():
-    t = diagnose.triage(SEED.read_bytes(), source=SEED.name)
+def seed_any():
+    """The seed log's triage, whatever diaglib reaches of this vLLM."""
+    return diagnose.triage(SEED.read_bytes(), source=SEED.name)
+
+
+@pytest.fixture(scope="module")
+def seed(seed_any):
+    """The seed log's triage where diaglib replays on this vLLM."""
+    t = seed_any
     assert t.rebuilt.scenario is not None, t.rebuilt.error
     if t.replays and t.replays[0]["dispatch"] is None and "cannot drive" in " ".join(t.replays[0]["notes"]):
         pytest.skip(f"diaglib.compat does not reach vLLM {compat.installed()} yet: {t.replays[0]['notes'][0]}")
     return t
 
 
-def test_seed_triage_says_what_it_cannot_replay():
+def test_seed_triage_says_what_it_cannot_replay(seed_any):
     """Whatever this vLLM lets diaglib do, the triage of the seed log answers (in notes where it cannot)."""
-    t = diagnose.triage(SEED.read_bytes(), source=SEED.name)
+    t = seed_any
     assert t.step.describe() == "8,192 tokens, 1 request, the last prefill chunk" and t.suspects
     text = diagnose.format_text(t)
     assert "suspects" in text and ("replay" in text or "not replayable" in text)
