@@ -17,7 +17,7 @@ from .parse import LogFacts, sanitizer_kernel
 SEVERITY = ("illegal_memory_access", "cuda_error", "out_of_memory", "compile_error", "python_error")
 _CUDA_TEXT = re.compile(r"(?:CUDA (?:driver )?error|Triton Error \[CUDA\]|CUDA_ERROR_\w+|cudaError\w+|"
                         r"an illegal memory access|device-side assert|misaligned address|"
-                        r"unspecified launch failure|CUDA out of memory)[^\n]*", re.I)
+                        r"unspecified launch failure|CUDA out of memory)[^\n]*", re.IGNORECASE)
 # Frames that run only while the engine starts (profile/dummy runs, graph capture, warm-up, loading).
 _STARTUP = re.compile(r"^(?:profile_run|_dummy_run|_dummy_sampler_run|determine_available_memory|"
                       r"determine_num_available_blocks|capture_model|compile_or_warm_up_model|load_model|"

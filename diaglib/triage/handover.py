@@ -67,4 +67,5 @@ def maybe(args, data: bytes) -> int | None:
         argv += ["--label", Path(args.log).name if args.log != "-" else "stdin"]
     print(f"diaglib: {why}: handing over to the vLLM {rel} environment", file=sys.stderr)
     env = dict(os.environ, **{ENV_MARK: "1"})
-    return subprocess.run([str(compat.venv_python(rel)), "-m", "diaglib", *argv], input=data, env=env).returncode
+    return subprocess.run([str(compat.venv_python(rel)), "-m", "diaglib", *argv], input=data, env=env,
+                          check=False).returncode

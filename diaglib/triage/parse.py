@@ -40,7 +40,7 @@ SANITIZER = re.compile(r"^=+ ")
 _ANY = re.compile(r"rror|LLM engine \(v|Dumping |non-default args|ersion|█|max_num_batched_tokens=|max model len|"
                   r"KV cache size|prompt_token_ids: \[|NVIDIA|^=|xception|illegal|CUDA|fatal")
 IMPORTANT = re.compile(r"illegal memory access|CUDA error|CUDA driver error|Triton Error|AcceleratorError|"
-                       r"device-side assert|out of memory|EngineDeadError|Worker failed|fatal error", re.I)
+                       r"device-side assert|out of memory|EngineDeadError|Worker failed|fatal error", re.IGNORECASE)
 
 
 @dataclass

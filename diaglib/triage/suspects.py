@@ -95,10 +95,10 @@ def explained(suspects: list[Suspect]) -> bool:
 
 
 def _na(v) -> bool:
-    try:
-        return v is None or v != v or str(v) == "<NA>"
-    except (TypeError, ValueError):
-        return True
+    """None, NaN or pandas' NA (known_issues.match's threshold column is a nullable Int64)."""
+    import pandas as pd
+
+    return v is None or bool(pd.isna(v))
 
 
 def _tokens(s: Suspect, c: dict, mode, t, step: Step | None, candidates, budget) -> None:

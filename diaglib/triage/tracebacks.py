@@ -37,7 +37,7 @@ _SYNC = re.compile(r"\.item\(\)|\.tolist\(\)|\.cpu\(\)|\.numpy\(\)|synchronize\(
 _SYNC_FUNCS = re.compile(r"synchronize|_to_list|tolist|item|wait|_bookkeeping_sync|_sample|get_output|"
                          r"all_reduce|all_gather|_sync")
 _PROPAGATED = re.compile(r"Worker failed with error|please check the stack trace above|EngineCore encountered "
-                         r"an issue|EngineDeadError|EngineGenerateError|WorkerProc hit an exception", re.I)
+                         r"an issue|EngineDeadError|EngineGenerateError|WorkerProc hit an exception", re.IGNORECASE)
 
 
 @dataclass

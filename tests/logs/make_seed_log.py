@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from diaglib.scenario import from_command, load  # noqa: E402
-from diaglib.triage import emit  # noqa: E402
+from diaglib.scenario import from_command, load
+from diaglib.triage import emit
 
 OUT = Path(__file__).with_name("seed-glm46-fp8-0.10.1.1.log")
 API, CORE = ("APIServer", 2817), ("EngineCore_0", 2990)
