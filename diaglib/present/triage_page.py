@@ -152,7 +152,8 @@ def page(data: dict) -> str:
 
 # --- the figure: where the step sits --------------------------------------------------------------
 
-VERDICT_COLOURS = {"fits": "#b42318", "possible": "#e8590c", "no evidence": "#98a2b3", "ruled out": "#d0d5dd",
+ORDER_OF = {"fits": 0, "possible": 1, "no evidence": 2, "unlikely": 3, "ruled out": 4, "does not apply": 5}
+VERDICT_COLOURS = {"unlikely": "#b0b8c4", "fits": "#b42318", "possible": "#e8590c", "no evidence": "#98a2b3", "ruled out": "#d0d5dd",
                    "does not apply": "#eaecf0"}
 
 
@@ -167,28 +168,30 @@ def figure(data: dict):
     n, budget, comp = r["step"]["tokens"], r["budget"], r["compilation"]
     marks = [(s["threshold_tokens"], s) for s in data.get("suspects") or [] if s.get("threshold_tokens")]
     hi = max([budget, n] + [t for t, _ in marks]) * 2
-    fig, ax = plt.subplots(figsize=(10, 3.2))
+    fig, ax = plt.subplots(figsize=(10, 3.6), layout="constrained")
     ax.set_xscale("log")
     ax.set_xlim(1, hi)
     top = comp.get("max_cudagraph_capture_size")
     if comp.get("cudagraph_mode") not in (None, "NONE") and top:
-        ax.axvspan(1, top, ymin=0.78, ymax=0.95, color="#fd7e14", alpha=0.35, label=f"CUDA graphs (1..{top})")
+        ax.axvspan(1, top, ymin=0.86, ymax=0.97, color="#fd7e14", alpha=0.35, label=f"CUDA graphs (1..{top})")
     for i, (a, b) in enumerate(comp.get("compile_ranges") or []):
-        ax.plot([a, b], [0.7 - 0.06 * (i % 2)] * 2, color="#6f42c1", lw=5, solid_capstyle="butt",
+        ax.plot([a, b], [0.8 - 0.05 * (i % 2)] * 2, color="#6f42c1", lw=5, solid_capstyle="butt",
                 label="compiled ranges" if i == 0 else None)
     ax.axvline(budget, color="red", ls="--", lw=1.5, label=f"max_num_batched_tokens {budget:,}")
-    for k, (t, s) in enumerate(sorted(marks, key=lambda m: m[0])):
+    placed: list[float] = []
+    for t, s in sorted(marks, key=lambda m: (m[0], ORDER_OF.get(m[1]["verdict"], 9))):
         c = VERDICT_COLOURS.get(s["verdict"], "#98a2b3")
-        ax.axvline(t, ymin=0.05, ymax=0.5, color=c, lw=2)
-        ax.text(t, 0.08 + 0.09 * (k % 4), f" {s['id']} ({s['verdict']})", color="#344054" if c != "#eaecf0" else "#98a2b3",
-                fontsize=7, rotation=0, va="bottom")
-    ax.plot([n], [0.55], marker="v", ms=13, color="#1f4e99", label=f"the step: {n:,} tokens", ls="none")
+        level = sum(1 for p in placed if t / p < 1.8)  # labels of nearby thresholds stack upwards
+        placed.append(t)
+        ax.axvline(t, ymin=0.02, ymax=0.08 + 0.075 * (level + 1), color=c, lw=2)
+        ax.text(t * 1.04, 0.04 + 0.075 * level, f"{s['id']} ({s['verdict']})", fontsize=7, va="bottom",
+                color="#344054" if s["verdict"] in ("fits", "possible") else "#667085")
+    ax.plot([n], [0.62], marker="v", ms=13, color="#1f4e99", label=f"the step: {n:,} tokens", ls="none")
     ax.set_ylim(0, 1)
     ax.set_yticks([])
     ax.set_xlabel("tokens in one step (log scale)")
     ax.set_title(r["describe"], fontsize=10)
-    ax.legend(loc="upper right", fontsize=7, ncol=2, framealpha=0.9)
-    fig.tight_layout()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), fontsize=7, ncol=4, frameon=False)
     return fig
 
 
