@@ -181,10 +181,10 @@ def figure(data: dict):
     placed: list[float] = []
     for t, s in sorted(marks, key=lambda m: (m[0], ORDER_OF.get(m[1]["verdict"], 9))):
         c = VERDICT_COLOURS.get(s["verdict"], "#98a2b3")
-        level = sum(1 for p in placed if t / p < 1.8)  # labels of nearby thresholds stack upwards
+        level = sum(1 for p in placed if t / p < 8)  # labels of nearby thresholds (about a label wide) stack
         placed.append(t)
-        ax.axvline(t, ymin=0.02, ymax=0.08 + 0.075 * (level + 1), color=c, lw=2)
-        ax.text(t * 1.04, 0.04 + 0.075 * level, f"{s['id']} ({s['verdict']})", fontsize=7, va="bottom",
+        ax.axvline(t, ymin=0.02, ymax=0.08 + 0.07 * (level + 1), color=c, lw=2)
+        ax.text(t * 1.04, 0.04 + 0.07 * level, f"{s['id']} ({s['verdict']})", fontsize=7, va="bottom",
                 color="#344054" if s["verdict"] in ("fits", "possible") else "#667085")
     ax.plot([n], [0.62], marker="v", ms=13, color="#1f4e99", label=f"the step: {n:,} tokens", ls="none")
     ax.set_ylim(0, 1)

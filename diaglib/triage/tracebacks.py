@@ -201,8 +201,7 @@ def surfaced_kind(tb: Traceback) -> tuple[str, str]:
     only_launch = len(after) <= 4 and all(k == 0 or _RUNTIME.search(g.path) for k, g in enumerate(after))
     if launching is not None and only_launch:
         name, _ = kernel(tb)
-        return "launch", (f"the launch of {name or 'a kernel'} ({launching.code}, {launching.where}) reported it"
-                          + (f"; innermost frame {f.where}" if launching is not f else ""))
+        return "launch", f"the launch of {name or 'a kernel'} in {launching.where} reported it"
     for g in reversed(tb.frames[:-1]):
         if _SYNC.search(g.code):
             return "sync", f"{g.where} waits for the GPU ({g.code})"
