@@ -290,3 +290,24 @@ def test_cli_hands_the_log_to_its_vllm():
     assert out["source"] == SEED.name and "handing over to the vLLM 0.10.1.1 environment" in p.stderr
     d = out["replays"][0]["dispatch"]
     assert (d["cudagraph_mode"], d["padded_tokens"]) == ("NONE", 8192)
+
+
+# --- a partial log: only the engine config line, the model folder given ---------------------------------
+
+def test_only_the_config_line_rebuilds_with_the_model_dir():
+    root = Path(__file__).resolve().parents[1]
+    standin = root / "data" / "live" / "standins" / "GLM-4.6-FP8-tp8"
+    t = diagnose.triage((LOGS / "only-config-0.20.2.log").read_bytes(), model_dir=str(standin), gpu="NVIDIA H200",
+                        gpu_count=1)
+    rb = t.rebuilt
+    assert rb.scenario is not None, rb.error
+    assert rb.model == "/work/main/data/live/standins/GLM-4.6-FP8-tp8" and str(standin) in rb.local_command
+    assert any("--model-dir" in a for a in rb.assumed) and any("non-default args" in a for a in rb.assumed)
+    assert rb.scenario.vllm_config.parallel_config.tensor_parallel_size == 1
+    assert t.crash is None and t.step is None and not t.explained
+    if t.version["same"]:  # the engine line's fields that differ are carried over as flags
+        assert rb.differs == [] and "--skip-tokenizer-init" in rb.command
+        assert rebuild.compare(t.facts, rb.scenario) == []
+    else:
+        assert all("a different release" in d for d in rb.differs)
+    assert "no known class explains this" == diagnose.verdict(t)

@@ -40,9 +40,9 @@ class Line:
     src: str | None = None
     stream: str = ""  # which process wrote it: 'VllmWorker TP3 pid=9', or '' when the line names none
 
-    def __post_init__(self):
-        if self.pid is not None and not self.stream:
-            self.stream = f"{self.proc} pid={self.pid}"
+
+def _stream(proc, pid) -> str:
+    return f"{proc} pid={pid}" if pid is not None else ""
 
 
 def decode(data: bytes | str) -> str:
@@ -110,13 +110,14 @@ def _line(n: int, raw: str) -> Line:
     if m is None and "] " in s[:200]:
         m = _HEADER.search(s, 0, 200)  # a VLLM_LOGGING_PREFIX before the level
     if m is None:
-        return Line(n, s.replace("\x00", ""), proc, pid)
+        return Line(n, s.replace("\x00", ""), proc, pid, stream=_stream(proc, pid))
     rest = s[m.end():]
     if pid is None and m.start():  # VLLM_LOGGING_PREFIX, then the process, then the header
         p = _PROC.search(s, 0, m.start())
         if p:
             proc, pid = p.group("proc"), int(p.group("pid"))
-    return Line(n, rest.replace("\x00", ""), proc, pid, m.group("level"), m.group("time"), m.group("src"))
+    return Line(n, rest.replace("\x00", ""), proc, pid, m.group("level"), m.group("time"), m.group("src"),
+                _stream(proc, pid))
 
 
 def _json_record(n: int, raw: str):
@@ -131,7 +132,7 @@ def _json_record(n: int, raw: str):
     text = str(rec.get("message", ""))
     if rec.get("exc_info"):
         text += "\n" + str(rec["exc_info"])
-    pid = rec.get("process")
+    pid = rec.get("process") if isinstance(rec.get("process"), int) else None
+    proc = rec.get("processName")
     for part in text.splitlines() or [""]:
-        yield Line(n, part, rec.get("processName"), pid if isinstance(pid, int) else None,
-                   rec.get("levelname"), rec.get("asctime"), rec.get("filename"))
+        yield Line(n, part, proc, pid, rec.get("levelname"), rec.get("asctime"), rec.get("filename"), _stream(proc, pid))
