@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from diaglib import compat
+from diaglib.errors import DiagError
 from diaglib.predict import known_issues
 from diaglib.predict.dispatch import dispatch
 from diaglib.triage import crash, diagnose, emit, lines, parse, rebuild, replay, values
@@ -38,7 +39,7 @@ def scheduler_runs(scenario):
 
     try:
         Engine(scenario, 64 << 30)
-    except AttributeError as e:
+    except (AttributeError, ImportError, TypeError, DiagError) as e:
         pytest.skip(f"diaglib.compat cannot build vLLM {compat.installed()}'s scheduler yet: {e}")
 
 
@@ -113,7 +114,11 @@ def test_a_fault_planted_in_a_child_worker():
     f = read(p.stdout + p.stderr)
     c = crash.crash(f)
     assert c is not None, p.stdout + p.stderr
-    assert re.fullmatch(r"VllmWorker TP3 pid=\d+", c.stream) and c.outcome == "illegal_memory_access"
+    if compat.decorate_logs() is None:  # this vLLM names no process in its output
+        assert c.stream == ""
+    else:
+        assert re.fullmatch(r"VllmWorker TP3 pid=\d+", c.stream)
+    assert c.outcome == "illegal_memory_access"
     assert (c.kernel, c.kernel_kind, c.surfaced_kind) == ("fused_moe_kernel", "triton kernel", "launch")
     assert [fr.func for fr in crash.root(f).frames][-3:] == ["_fused_experts", "_invoke_fused_moe_kernel", "launch"]
     assert "_fused_experts" in c.traceback and c.async_hint and c.exc_type == "RuntimeError"

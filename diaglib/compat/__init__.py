@@ -41,7 +41,6 @@ from .logs import (
     log_formatter,
     log_non_default_args,
     prefix_writer,
-    process_in_format,
 )
 from .models import (
     cutlass_index_buffers,

@@ -29,15 +29,9 @@ def log_formatter() -> logging.Formatter:
                          "(VLLM_CONFIGURE_LOGGING=0?)")
 
 
-def process_in_format() -> bool:
-    """Whether vLLM's log format carries the process (``(EngineCore pid=1) INFO ...``, 0.31+), else each
-    process decorates its stdout and stderr with that prefix (utils.decorate_logs)."""
-    return "vllm_process_name" in (log_formatter()._fmt or "")
-
-
 def prefix_writer():
     """vLLM's ``_add_prefix(file, process_name, pid)`` (decorate_logs' per-line prefix), or None where the
-    process is part of the format instead."""
+    process is part of the format instead (0.31+) or not printed at all (0.10.0)."""
     for path in ("vllm.utils.system_utils:_add_prefix", "vllm.utils:_add_prefix"):
         if has(path):
             return first("decorate_logs' prefix", path)
@@ -57,5 +51,9 @@ def dump_engine_exception():
 
 
 def decorate_logs():
-    """vLLM's ``decorate_logs(process_name)``: what each engine, worker and API process calls at start-up."""
-    return first("decorate_logs", "vllm.utils.system_utils:decorate_logs", "vllm.utils:decorate_logs")
+    """vLLM's ``decorate_logs(process_name)``: what each engine, worker and API process calls at start-up; None
+    where vLLM names no process in its output (0.10.0)."""
+    for path in ("vllm.utils.system_utils:decorate_logs", "vllm.utils:decorate_logs"):
+        if has(path):
+            return first("decorate_logs", path)
+    return None

@@ -49,10 +49,11 @@ class Log:
         self.formatter = compat.log_formatter()
 
     def _prefixed(self, text: str, process: str | None, pid: int | None) -> str:
-        if process is None or compat.process_in_format():
+        writer = compat.prefix_writer()
+        if process is None or writer is None:  # the format names the process (0.31+), or nothing does (0.10.0)
             return text
         buf = io.StringIO()
-        compat.prefix_writer()(buf, process, pid or os.getpid())
+        writer(buf, process, pid or os.getpid())
         buf.write(text)
         return buf.getvalue()
 
@@ -193,7 +194,9 @@ def planted_worker(process: str = "VllmWorker TP0", tokens: int = 8192) -> None:
     """What a worker prints when a kernel launch fails: vLLM's decorate_logs, then vLLM's logger.exception
     with the real traceback of the planted fault (run in a child: ``python -m diaglib.triage.emit``)."""
     compat.configure_logging()
-    compat.decorate_logs()(process)
+    decorate = compat.decorate_logs()
+    if decorate is not None:
+        decorate(process)
     logger = logging.getLogger("vllm.v1.executor.multiproc_executor")
     try:
         _fused_experts(tokens)
