@@ -23,7 +23,11 @@ TP = {
     "GLM-4.6-FP8": 8,
     "Qwen3-Next-80B-A3B-Thinking": 8,
     "gpt-oss-120b": 8,
+    "DeepSeek-V3.1-NVFP4": 8,
+    "Qwen3-235B-A22B-NVFP4": 4,
+    "Mixtral-8x22B-v0.1": 4,
     "Llama-3.1-70B-Instruct": 4,
+    "Llama-3.1-70B-Instruct-FP8": 2,
 }
 
 
