@@ -359,6 +359,26 @@ def cmd_boundaries(args) -> None:
     _print(args, {"summary": info, **_records({"around": near, "boundaries": df, "known_issues": issues})}, text)
 
 
+def cmd_triage(args) -> int | None:
+    """The crash a log records: its step replayed through vLLM, the known bug classes ranked, the next commands."""
+    from .triage import diagnose, handover
+
+    data, label = handover.read(args.log)
+    if not args.no_replay:
+        rc = handover.maybe(args, data)
+        if rc is not None:
+            return rc
+    t = diagnose.triage(data, source=args.label or label, model_dir=args.model_dir, gpu=args.gpu,
+                        gpu_count=args.gpu_count, prompts=args.prompt, resolve=not args.no_replay)
+    out = diagnose.as_dict(t)
+    if args.out:
+        from .present.triage_page import page
+
+        handover.write(args.out, page(out))
+    _print(args, out, diagnose.format_text(t) + (f"\npage        {args.out}" if args.out else ""))
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diaglib", description=__doc__)
     parser.add_argument("--vllm", help="which vLLM release answers (a supported one: its project environment); "
@@ -493,6 +513,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planted", type=int, metavar="N", help="rehearsal: plant a Triton out-of-bounds write that "
                    "fires only with CUDA graphs on, in a forward pass of exactly N tokens")
     p.set_defaults(func=cmd_evidence)
+
+    p = sub.add_parser("triage", help="a crash from its log: the step that died, what vLLM did in it, ranked suspects")
+    p.add_argument("log", help="the server's log: a file, or - for stdin")
+    p.add_argument("--model-dir", help="the model's local folder (config.json at least), if not data/models/NAME")
+    p.add_argument("--gpu", help='GPU when the log names none, e.g. "NVIDIA H200" (overrides the log\'s)')
+    p.add_argument("--gpu-count", type=int, help="GPUs on the host (default: what the parallel sizes need)")
+    p.add_argument("--prompt", type=int, action="append", metavar="TOKENS",
+                   help="a prompt length of the workload, for candidate steps when the log has no input dump")
+    p.add_argument("--no-replay", action="store_true", help="only read the log (no vLLM: no rebuild, no replay)")
+    p.add_argument("-o", "--out", help="also write a self-contained HTML page (safe to attach to an issue)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--label", help=argparse.SUPPRESS)  # the log's name when another environment reads it on stdin
+    p.set_defaults(func=cmd_triage)
     return parser
 
 
@@ -522,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury our output
     args = build_parser().parse_args(argv)
+    args.argv = argv
     if args.vllm and "," in args.vllm and args.command in ("show", "compare"):
         args.func, args.tokens, args.all = cmd_compare, getattr(args, "tokens", None), getattr(args, "all", False)
     try:

@@ -32,7 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 def test_the_suite_exists_in_reading_order():
     names = [p.stem for p in NOTEBOOKS]
-    assert names[:1] == ["01-overview"] and len(names) >= 2
+    assert "01-overview" in names[:2] and len(names) >= 2  # 00-triage may come first
     assert [n[:2] for n in names] == sorted(n[:2] for n in names)
     assert len({n[:2] for n in names}) == len(names), "two notebooks share a number"
 

@@ -17,6 +17,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.forward`: one forward pass outside the engine (forward context, attention metadata, dummy run)
 - :mod:`.switches`: kill-switch spellings
 - :mod:`.speculative`: the MTP draft of a checkpoint
+- :mod:`.logs`: vLLM's log formatter and the calls behind the log lines diaglib triage reads
 """
 from .attention import (
     attention_backend,
@@ -71,6 +72,14 @@ from .forward import (
     sampler,
     splitting_ops,
     workspace,
+)
+from .logs import (
+    configure_logging,
+    decorate_logs,
+    dump_engine_exception,
+    log_formatter,
+    log_non_default_args,
+    prefix_writer,
 )
 from .models import set_default_torch_dtype
 from .moe import (

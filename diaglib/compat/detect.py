@@ -119,8 +119,3 @@ def call(what: str, fn, /, *args, **kwargs):
         raise VllmApiMissing(f"vLLM {installed()}'s {what} does not take what diaglib gives: {e}") from None
     return fn(*args, **kwargs)
 
-
-def _legacy() -> bool:
-    """True for the 0.10 line: left only for the concern modules not yet moved to capability flags
-    (models, attention); the configuration side no longer uses it."""
-    return (installed() or "").startswith("0.10.")
