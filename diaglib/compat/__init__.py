@@ -11,6 +11,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.compile`: compile mode and ranges, capture sizes
 - :mod:`.cudagraphs`: CUDA-graph dispatch and padding
 - :mod:`.scheduling`: the scheduler, its requests and outputs, KV-cache sizing
+- :mod:`.prefix_cache`: which blocks a step handed out, evicting their hashes between replays
 - :mod:`.models`: model building, MoE layers and kernels
 - :mod:`.attention`: attention backend selection
 - :mod:`.switches`: kill-switch spellings
@@ -44,6 +45,7 @@ from .models import (
     triton_experts,
 )
 from .parsing import check_prompt_len, flexible_argument_parser
+from .prefix_cache import can_evict_cached_blocks, evict_cached_blocks, scheduled_block_ids
 from .releases import CI, REFERENCE, installed, is_verified, supported, venv_python
 from .scheduling import (
     batch_queue_size,
