@@ -230,7 +230,7 @@ def memo(namespace: str, parts: dict, compute: Callable[[], Any], *, enabled: bo
     if hit is not None:
         return hit
     value = json.loads(json.dumps(compute(), default=str))  # what a later hit returns, to the type
-    put(k, value, {"namespace": namespace})
+    put(k, value, {"namespace": namespace, "parts": parts, "environment": environment()})
     return value
 
 

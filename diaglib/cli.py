@@ -638,10 +638,12 @@ def _bytecode_cache() -> None:
         sys.dont_write_bytecode = False
 
 
+_RESOLVING = ("parse_serve_args", "create_config")  # diaglib.scenario: the user's command handed to vLLM
+
+
 def _vllm_refusal(exc: BaseException) -> str | None:
-    """`vLLM refused: <its message>` when vLLM's own code raised a check (assert, ValueError, ...)."""
-    if not isinstance(exc, (AssertionError, ValueError, NotImplementedError)):
-        return None
+    """`vLLM refused: <its message> (where)` when vLLM's own code raised: one of its checks (an assert, a
+    ValueError, NotImplementedError) anywhere, or any exception while it resolved the user's serve command."""
     frames = traceback.extract_tb(exc.__traceback__)
     vllm = sys.modules.get("vllm")
     where = getattr(vllm, "__path__", None)
@@ -652,16 +654,26 @@ def _vllm_refusal(exc: BaseException) -> str | None:
     if not last.is_relative_to(top):
         return None
     ours = [f for f in frames if f"{os.sep}diaglib{os.sep}" in f.filename]
+    resolving = any(f.name in _RESOLVING and f.filename.endswith("scenario.py") for f in ours)
+    if not resolving and not isinstance(exc, (AssertionError, ValueError, NotImplementedError)):
+        return None
     asked = f", asked by diaglib's {ours[-1].name}" if ours else ""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(str(exc).split())
+    text = text if isinstance(exc, (AssertionError, ValueError)) and text else f"{type(exc).__name__}: {text}"
     return f"vLLM refused: {text} (vllm/{last.relative_to(top).as_posix()}:{frames[-1].lineno}{asked})"
 
 
 def _internal_error(exc: BaseException, q: _Quiet) -> str:
     """One line naming an unexpected exception and where it was raised (the traceback is in the log)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if f"{os.sep}diaglib{os.sep}" in f.filename] or frames
-    at = f" (in {Path(ours[-1].filename).name}:{ours[-1].lineno}, {ours[-1].name})" if ours else ""
+    ours = [f for f in frames if f"{os.sep}diaglib{os.sep}" in f.filename]
+    at = ""
+    if frames:
+        last = frames[-1]
+        at = f" (in {Path(last.filename).name}:{last.lineno}, {last.name}"
+        if ours and ours[-1] is not last:
+            at += f", called from diaglib's {Path(ours[-1].filename).name}:{ours[-1].lineno}"
+        at += ")"
     text = " ".join(str(exc).split())[:300]
     where = "above" if q.verbose else f"in {log_path()}; -v shows it"
     return f"diaglib: internal error: {type(exc).__name__}: {text}{at}; the traceback is {where}"
@@ -693,7 +705,8 @@ def _run_cached(args, serve: bool) -> int:
     rc = args.func(args) or 0
     if k and rc == 0 and len(args._answers) == 1:
         data, text = args._answers[0]
-        cache.put(k, {"json": data, "text": text}, {"namespace": f"cli {args.command}"})
+        cache.put(k, {"json": data, "text": text},
+                  {"namespace": f"cli {args.command}", "parts": parts, "environment": cache.environment()})
     return rc
 
 

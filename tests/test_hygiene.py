@@ -81,7 +81,7 @@ def test_pages_replace_this_machines_paths():
 
     from diaglib.present import report
 
-    text = "\n".join(f"at {p}x/y.py:3" for p in machine_places()) + f"\nstore {ROOT / 'data/live/a.jsonl'}"
+    text = "\n".join(f"at {p.rstrip('/')}/x/y.py:3" for p in machine_places()) + f"\nstore {ROOT / 'data/live/a.jsonl'}"
     png = "iVBORw0KGgo/root/AAAA" + "/tmp/" + "QmCC"  # base64 may hold such runs: images stay untouched
     nb = new_notebook(cells=[new_code_cell("x", outputs=[new_output("stream", name="stderr", text=text),
                                                         new_output("display_data", data={"image/png": png})])])
@@ -175,9 +175,10 @@ def test_progress_is_a_bar_on_a_terminal(monkeypatch):
     progress.use_stream(term)
     try:
         with progress.bar(total=2, desc="report", unit="page") as b:
+            assert type(b).__module__.startswith("tqdm")
             b.update()
             b.update()
-        assert "report" in term.getvalue() and "2/2" in term.getvalue()
+        assert "report:" in term.getvalue() and "/2 [" in term.getvalue(), "tqdm's bar, drawn on the terminal"
     finally:
         progress.use_stream(None)
 

@@ -92,11 +92,13 @@ def short_labels(labels, width: int = LABEL_CHARS) -> list[str]:
             keep = width - 1
             text = text[: (keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
         out.append(text)
-    seen: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for text in out:
+        counts[text] = counts.get(text, 0) + 1
     for i, text in enumerate(out):
-        seen[text] = seen.get(text, 0) + 1
-        if seen[text] > 1:
-            out[i] = f"{text[: width - 4]}…#{seen[text]}"
+        if counts[text] > 1:  # shortened alike: number them by position
+            tag = f"…#{i + 1}"
+            out[i] = text[: width - len(tag)] + tag
     return out
 
 

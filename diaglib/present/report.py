@@ -105,12 +105,12 @@ def scenario(scenario: str | None = None, *, cmd: str | None = None, gpu: str | 
 
 
 def live_stores(version: str, root: Path | None = None) -> list[Path]:
-    """The live record stores (data/live/**/*.jsonl) with an engine started by vLLM ``version``: the
-    observations a notebook may put next to that version's predictions."""
+    """The live record stores (data/live/**/*.jsonl, or under $DIAGLIB_LIVE_DIR) with an engine started by vLLM
+    ``version``: the observations a notebook may put next to that version's predictions."""
     from ..live import store
     from ..paths import DATA
 
-    found = sorted(Path(root or DATA / "live").glob("**/*.jsonl"))
+    found = sorted(Path(root or os.environ.get("DIAGLIB_LIVE_DIR") or DATA / "live").glob("**/*.jsonl"))
     return [p for p in found if any(r.get("type") == "engine" and (r.get("info") or {}).get("vllm") == version
                                     for r in store.read(p))]
 
