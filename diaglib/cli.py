@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -25,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with diaglib's one-line error (exit 2) instead of a usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"diaglib: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"diaglib: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def positive_int(text: str) -> int:
@@ -710,6 +711,13 @@ def _run_cached(args, serve: bool) -> int:
     return rc
 
 
+def one_line(text: str) -> str:
+    """A message as one line: its lines joined, pydantic's type tags and help-URL lines dropped."""
+    lines = [x.strip() for x in str(text).splitlines()]
+    lines = [re.sub(r"\s*\[type=[^\]]*\]", "", x) for x in lines if x and not x.startswith("For further information")]
+    return "; ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         _bytecode_cache()
@@ -732,7 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         message, rc = "diaglib: interrupted", 130
     if message:
-        print(message, file=sys.stderr)
+        print(one_line(message), file=sys.stderr)
         return rc
     for data, text in args._answers:
         print(json.dumps(data, indent=2) if args.json else text)
