@@ -1,22 +1,71 @@
-"""`diaglib`: one command line with subcommands; bad input prints one line and exits 2."""
+"""`diaglib`: one command line with subcommands; bad input prints one line and exits 2.
+
+While a subcommand computes, whatever vLLM, torch or any other library prints goes to diaglib's log file
+(to stderr with -v); stdout carries the answer alone. Answers of subcommands marked :func:`cache.cacheable`
+are kept (diaglib.cache) and served again without importing vLLM; --no-cache computes afresh.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import traceback
+from pathlib import Path
 
-from . import compat
+from . import cache, compat, progress
+from .cache import cacheable
 from .errors import DiagError
+
+LOG_MAX_BYTES = 8 << 20  # the log is started afresh (one old copy kept) past this size
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with diaglib's one-line error (exit 2) instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"diaglib: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return x
 
 
 def _scenario_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("scenario", nargs="?", help="scenario file or name under data/scenarios (default: the seed)")
     p.add_argument("--cmd", help='a serve command instead of a scenario file: "vllm serve MODEL [flags]"')
     p.add_argument("--gpu", help='GPU to resolve for, e.g. "NVIDIA H200" (default: the scenario\'s)')
-    p.add_argument("--gpu-count", type=int, help="GPUs on the host (default: the scenario's, else 8)")
+    p.add_argument("--gpu-count", type=positive_int, help="GPUs on the host (default: the scenario's, else 8)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--vllm", default=argparse.SUPPRESS, help="as the global --vllm (here too for convenience)")
+
+
+def _common_args(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """-v and --no-cache, accepted before and after the subcommand."""
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="show vLLM's and torch's own log lines (stderr) and tracebacks")
+    p.add_argument("--no-cache", action="store_true", default=default,
+                   help="compute the answer afresh (and keep it) instead of serving a kept one")
 
 
 def _load(args):
@@ -26,9 +75,21 @@ def _load(args):
 
 
 def _print(args, data, text) -> None:
-    print(json.dumps(data, indent=2, default=str) if args.json else text)
+    """The command's answer: printed once the command is done (JSON with --json), and kept if cacheable."""
+    args._answers.append((json.loads(json.dumps(data, default=str)), text))
 
 
+def _echo(text: str) -> None:
+    """A line for the user while the command still runs (stdout)."""
+    print(text, file=_Quiet.current.user_out if _Quiet.current else sys.stdout, flush=True)
+
+
+def _warn(text: str) -> None:
+    """A message for the user while the command still runs (stderr)."""
+    print(text, file=_Quiet.current.user_err if _Quiet.current else sys.stderr, flush=True)
+
+
+@cacheable
 def cmd_show(args) -> None:
     from .predict.summarize import format_text, summarize
 
@@ -57,7 +118,7 @@ def cmd_report(args) -> int:
         pages = build(args.scenario, out=args.out, cmd=args.cmd, gpu=args.gpu, gpu_count=args.gpu_count,
                       vllm=args.vllm, jobs=args.jobs, only=args.only)
     except ReportError as e:
-        print(f"diaglib: report: failed: {e} (pages written to {args.out})", file=sys.stderr)
+        _warn(f"diaglib: report: failed: {e} (pages written to {args.out})")
         return 1
     rows = [{"notebook": p.notebook, "title": p.title, "seconds": round(p.seconds, 1), "slowest": p.slowest,
              "html": os.path.join(args.out, p.notebook.replace(".ipynb", ".html"))} for p in pages]
@@ -72,6 +133,7 @@ def _records(data: dict) -> dict:
     return {k: json.loads(v.to_json(orient="records")) if hasattr(v, "to_json") else v for k, v in data.items()}
 
 
+@cacheable
 def cmd_moe(args) -> None:
     from .predict.moe import format_text, launches
 
@@ -81,6 +143,7 @@ def cmd_moe(args) -> None:
     _print(args, _records(info), format_text(info))
 
 
+@cacheable
 def cmd_kernels(args) -> None:
     from .predict.census import format_text, step_for, summary
 
@@ -90,6 +153,7 @@ def cmd_kernels(args) -> None:
     _print(args, _records(info), format_text(info))
 
 
+@cacheable
 def cmd_dispatch(args) -> None:
     from .predict.dispatch import dispatch_table
 
@@ -103,6 +167,7 @@ def _dispatch_text(df) -> str:
     return table + (f"\n({note})" if isinstance(note, str) else "")
 
 
+@cacheable
 def cmd_trace(args) -> None:
     from .predict.schedule import format_trace, trace
     from .predict.workload import prompts, with_decoders
@@ -132,7 +197,7 @@ def cmd_sweep(args) -> None:
             df.to_csv(args.out, index=False)
         else:
             raise DiagError(f"-o must name a .parquet or .csv file, got {args.out!r}")
-        print(f"{args.out}: {len(df)} rows")
+        _print(args, {"out": args.out, "rows": len(df)}, f"{args.out}: {len(df)} rows")
         return
     _print(args, json.loads(df.to_json(orient="records")), format_sweep(df, list(knobs)))
 
@@ -153,8 +218,8 @@ def _sweep_live(args, lengths: list[int], knobs: dict) -> None:
         rows.append(row)
         if not args.json:
             done, total = L.progress(L.heatmap_frame(rows, lengths, labels))
-            print(f"[{done}/{total}] {row['setting']} {row['tokens']}: {row['outcome']}"
-                  + (" (stored)" if row["stored"] else ""), flush=True)
+            _echo(f"[{done}/{total}] {row['setting']} {row['tokens']}: {row['outcome']}"
+                  + (" (stored)" if row["stored"] else ""))
     grid = L.heatmap_frame(rows, lengths, labels)
     _print(args, {"store": args.store, "prefix": prefix, "rows": rows}, grid.to_string())
 
@@ -236,6 +301,7 @@ def cmd_probe(args) -> None:
     _print(args, json.loads(df.to_json(orient="records")), df[cols].to_string(index=False))
 
 
+@cacheable
 def cmd_switches(args) -> None:
     from .predict.switches import format_text, verify
 
@@ -337,6 +403,7 @@ def _planted_probe(at: int | None):
     return lambda tokens, _switches=(): in_forward(tokens, at)
 
 
+@cacheable
 def cmd_memory(args) -> None:
     from .predict.memory import format_text, layout
 
@@ -344,6 +411,7 @@ def cmd_memory(args) -> None:
     _print(args, _records(info), format_text(info))
 
 
+@cacheable
 def cmd_boundaries(args) -> None:
     from .predict.boundaries import around, boundaries, format_text, summary
     from .predict.known_issues import match
@@ -365,7 +433,8 @@ def cmd_triage(args) -> int | None:
 
     data, label = handover.read(args.log)
     if not args.no_replay:
-        rc = handover.maybe(args, data)
+        q = _Quiet.current
+        rc = handover.maybe(args, data, q.user_out if q else None, q.user_err if q else None)
         if rc is not None:
             return rc
     t = diagnose.triage(data, source=args.label or label, model_dir=args.model_dir, gpu=args.gpu,
@@ -379,12 +448,28 @@ def cmd_triage(args) -> int | None:
     return None
 
 
+def cmd_cache(args) -> None:
+    """Where kept answers live and what they hold; --clear empties it."""
+    data = cache.clear() if args.clear else cache.info()
+    verb = "removed" if args.clear else "holds"
+    spaces = ", ".join(f"{n} {k}" for k, n in data["by_namespace"].items())
+    _print(args, data, f"{data['path']} {verb} {data['entries']} answers, {data['bytes'] / 2**20:.1f} MiB"
+                       + (f" ({spaces})" if spaces else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diaglib", description=__doc__)
-    parser.add_argument("--vllm", help="which vLLM release answers (a supported one: its project environment); "
-                                       "default: the scenario file's, else this environment's. show/compare "
-                                       "take several, comma-separated")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="diaglib", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vllm", help=f"which vLLM release answers ({', '.join(compat.supported())}: its project "
+                                       "environment); default: the scenario file's, else this environment's. "
+                                       "show/compare take several, comma-separated")
+    _common_args(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("cache", help="where kept answers live and what they hold; --clear empties it")
+    p.add_argument("--clear", action="store_true", help="remove every kept answer")
+    p.add_argument("--info", action="store_true", help="show where the cache is and what it holds (default)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("show", help="the resolved vLLM configuration that matters at token boundaries")
     _scenario_args(p)
@@ -436,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt of TOKENS tokens arriving at step 0 (repeat for several)")
     p.add_argument("--decoders", type=int, default=0, metavar="N", help="N requests already decoding when the prompt arrives")
     p.add_argument("--output-len", type=int, default=3, help="tokens each prompt generates (default 3)")
-    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per GPU (default: diaglib's guess)")
+    p.add_argument("--kv-memory-gib", type=positive_float, help="KV-cache memory per GPU (default: diaglib's guess)")
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("sweep", help="trace single prompts over a range of lengths x knob values, one row per step")
@@ -446,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a knob and its values, e.g. max_num_batched_tokens=8191,8192 (repeatable)")
     p.add_argument("--decoders", type=int, default=0, metavar="N", help="N concurrent decoders with every prompt")
     p.add_argument("--output-len", type=int, default=1, help="tokens each prompt generates (default 1)")
-    p.add_argument("--kv-memory-gib", type=float, help="KV-cache memory per GPU (default: diaglib's guess)")
+    p.add_argument("--kv-memory-gib", type=positive_float, help="KV-cache memory per GPU (default: diaglib's guess)")
     p.add_argument("-o", "--out", help="write the frame to a .parquet or .csv file")
     p.add_argument("--live", action="store_true", help="run exact-length probes on the GPU instead (resumable; "
                    "knobs may include switches=none,cudagraph-off,...)")
@@ -518,14 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("log", help="the server's log: a file, or - for stdin")
     p.add_argument("--model-dir", help="the model's local folder (config.json at least), if not data/models/NAME")
     p.add_argument("--gpu", help='GPU when the log names none, e.g. "NVIDIA H200" (overrides the log\'s)')
-    p.add_argument("--gpu-count", type=int, help="GPUs on the host (default: what the parallel sizes need)")
-    p.add_argument("--prompt", type=int, action="append", metavar="TOKENS",
+    p.add_argument("--gpu-count", type=positive_int, help="GPUs on the host (default: what the parallel sizes need)")
+    p.add_argument("--prompt", type=positive_int, action="append", metavar="TOKENS",
                    help="a prompt length of the workload, for candidate steps when the log has no input dump")
     p.add_argument("--no-replay", action="store_true", help="only read the log (no vLLM: no rebuild, no replay)")
     p.add_argument("-o", "--out", help="also write a self-contained HTML page (safe to attach to an issue)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--label", help=argparse.SUPPRESS)  # the log's name when another environment reads it on stdin
     p.set_defaults(func=cmd_triage)
+
+    for p in sub.choices.values():  # every subcommand, also those added later, takes -v and --no-cache
+        _common_args(p)
     return parser
 
 
@@ -551,17 +639,193 @@ def _reexec_if_needed(args, argv: list[str]) -> None:
     os.execv(str(py), [str(py), "-m", "diaglib", *argv])
 
 
+def log_path() -> Path:
+    """diaglib's log: library output of the commands run without -v, and tracebacks of internal errors."""
+    return cache.root() / "diaglib.log"
+
+
+class _Quiet:
+    """While a command computes, stdout and stderr (Python's objects and the file descriptors, so C-level
+    writes too) go to the log, or with ``verbose`` both to stderr; :meth:`echo`, progress bars and the answer
+    printed afterwards reach the user's own streams."""
+
+    current: "_Quiet | None" = None
+
+    def __init__(self, verbose: bool):
+        self.verbose = verbose
+        self.saved: list[tuple[int, int]] = []
+
+    def __enter__(self) -> "_Quiet":
+        self.out, self.err = sys.stdout, sys.stderr
+        for stream in (self.out, self.err):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if self.verbose:
+            self.sink = self.err
+        else:
+            path = log_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and path.stat().st_size > LOG_MAX_BYTES:
+                path.replace(path.with_suffix(".log.1"))
+            self.sink = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
+            self.sink.write(f"--- diaglib {' '.join(sys.argv[1:])} (pid {os.getpid()})\n")
+        self.user_out, self.user_err = self._keep(self.out, 1), self._keep(self.err, 2)
+        sink_fd = self._fd(self.sink)
+        for stream, fd in ((self.out, 1), (self.err, 2)):
+            if sink_fd is not None and self._fd(stream) == fd and sink_fd != fd:
+                self.saved.append((fd, os.dup(fd)))
+                os.dup2(sink_fd, fd)
+        sys.stdout, sys.stderr = self.sink, self.sink
+        progress.use_stream(self.user_err)
+        _Quiet.current = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _Quiet.current = None
+        progress.use_stream(None)
+        with contextlib.suppress(Exception):
+            self.sink.flush()
+        sys.stdout, sys.stderr = self.out, self.err
+        for fd, copy in reversed(self.saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        for stream in {self.user_out, self.user_err} - {self.out, self.err}:
+            stream.close()
+        if self.sink is not self.err:
+            self.sink.close()
+
+    @staticmethod
+    def _fd(stream) -> int | None:
+        try:
+            return stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            return None
+
+    def _keep(self, stream, fd: int):
+        """A writer that still reaches ``stream``'s destination after fd ``fd`` is redirected."""
+        if self._fd(stream) != fd:
+            return stream  # not backed by the descriptor (a test's capture): untouched by the redirection
+        return os.fdopen(os.dup(fd), "w", buffering=1, encoding=getattr(stream, "encoding", None) or "utf-8",
+                         errors="replace")
+
+    def log(self, text: str) -> None:
+        print(text, file=self.sink, flush=True)
+
+
+def _bytecode_cache() -> None:
+    """This process keeps the bytecode of what it imports where diaglib.cache.bytecode_prefix says."""
+    prefix = cache.bytecode_prefix()
+    if prefix and sys.dont_write_bytecode and sys.pycache_prefix is None:
+        sys.pycache_prefix = prefix
+        sys.dont_write_bytecode = False
+
+
+_RESOLVING = ("parse_serve_args", "create_config")  # diaglib.scenario: the user's command handed to vLLM
+
+
+def _vllm_refusal(exc: BaseException) -> str | None:
+    """`vLLM refused: <its message> (where)` when vLLM's own code raised: one of its checks (an assert, a
+    ValueError, NotImplementedError) anywhere, or any exception while it resolved the user's serve command."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    vllm = sys.modules.get("vllm")
+    where = getattr(vllm, "__path__", None)
+    if not frames or not where:
+        return None
+    top = Path(next(iter(where))).resolve()
+    last = Path(frames[-1].filename).resolve()
+    if not last.is_relative_to(top):
+        return None
+    ours = [f for f in frames if f"{os.sep}diaglib{os.sep}" in f.filename]
+    resolving = any(f.name in _RESOLVING and f.filename.endswith("scenario.py") for f in ours)
+    if not resolving and not isinstance(exc, (AssertionError, ValueError, NotImplementedError)):
+        return None
+    asked = f", asked by diaglib's {ours[-1].name}" if ours else ""
+    text = " ".join(str(exc).split())
+    text = text if isinstance(exc, (AssertionError, ValueError)) and text else f"{type(exc).__name__}: {text}"
+    return f"vLLM refused: {text} (vllm/{last.relative_to(top).as_posix()}:{frames[-1].lineno}{asked})"
+
+
+def _internal_error(exc: BaseException, q: _Quiet) -> str:
+    """One line naming an unexpected exception and where it was raised (the traceback is in the log)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if f"{os.sep}diaglib{os.sep}" in f.filename]
+    at = ""
+    if frames:
+        last = frames[-1]
+        at = f" (in {Path(last.filename).name}:{last.lineno}, {last.name}"
+        if ours and ours[-1] is not last:
+            at += f", called from diaglib's {Path(ours[-1].filename).name}:{ours[-1].lineno}"
+        at += ")"
+    text = " ".join(str(exc).split())[:300]
+    where = "above" if q.verbose else f"in {log_path()}; -v shows it"
+    return f"diaglib: internal error: {type(exc).__name__}: {text}{at}; the traceback is {where}"
+
+
+def _run(args) -> int:
+    """Run the subcommand, serving or keeping its answer when it is cacheable (--no-cache: afresh, also for
+    what the library keeps on the way, in this process and the ones it starts)."""
+    args._answers = []
+    if args.no_cache:
+        before = os.environ.get("DIAGLIB_NO_CACHE")
+        os.environ["DIAGLIB_NO_CACHE"] = "1"
+        try:
+            return _run_cached(args, serve=False)
+        finally:
+            os.environ.pop("DIAGLIB_NO_CACHE") if before is None else os.environ.update(DIAGLIB_NO_CACHE=before)
+    return _run_cached(args, serve=True)
+
+
+def _run_cached(args, serve: bool) -> int:
+    k = None
+    if getattr(args.func, "cacheable", False):
+        parts = cache.question(args)
+        k = cache.key(args.command, parts) if parts is not None else None
+        hit = cache.get(k) if k and serve else None
+        if hit is not None:
+            args._answers.append((hit["json"], hit["text"]))
+            return 0
+    rc = args.func(args) or 0
+    if k and rc == 0 and len(args._answers) == 1:
+        data, text = args._answers[0]
+        cache.put(k, {"json": data, "text": text},
+                  {"namespace": f"cli {args.command}", "parts": parts, "environment": cache.environment()})
+    return rc
+
+
+def one_line(text: str) -> str:
+    """A message as one line: its lines joined, pydantic's type tags and help-URL lines dropped."""
+    lines = [x.strip() for x in str(text).splitlines()]
+    lines = [re.sub(r"\s*\[type=[^\]]*\]", "", x) for x in lines if x and not x.startswith("For further information")]
+    return "; ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _bytecode_cache()
     argv = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM's INFO lines would bury our output
     args = build_parser().parse_args(argv)
-    args.argv = argv
+    args._argv = argv
     if args.vllm and "," in args.vllm and args.command in ("show", "compare"):
         args.func, args.tokens, args.all = cmd_compare, getattr(args, "tokens", None), getattr(args, "all", False)
+    message = None
     try:
         _reexec_if_needed(args, argv)
-        rc = args.func(args)
+        with _Quiet(args.verbose) as q:
+            try:
+                rc = _run(args)
+            except DiagError as e:
+                message, rc = f"diaglib: error: {e}", e.exit_code
+            except Exception as e:  # vLLM's own checks, and the last resort: never a raw traceback
+                q.log("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+                refusal = _vllm_refusal(e)
+                message, rc = (f"diaglib: error: {refusal}", 2) if refusal else (_internal_error(e, q), 1)
     except DiagError as e:
-        print(f"diaglib: error: {e}", file=sys.stderr)
-        return e.exit_code
-    return rc or 0
+        message, rc = f"diaglib: error: {e}", e.exit_code
+    except KeyboardInterrupt:
+        message, rc = "diaglib: interrupted", 130
+    if message:
+        print(one_line(message), file=sys.stderr)
+        return rc
+    for data, text in args._answers:
+        print(json.dumps(data, indent=2) if args.json else text)
+    return rc

@@ -163,6 +163,10 @@ def prepare_vllm(gpu: GpuSpec) -> bool:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if whatif.active_gpu() is None and ("vllm" in sys.modules or whatif.real_gpu_present()):
         return False
+    # vLLM keeps what it learnt about model classes under VLLM_CACHE_ROOT in files named by class only: with
+    # several vLLM versions on one host each overwrites the others' and re-inspects in a subprocess (~25 s)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(base / "vllm" / f"whatif-{compat.installed()}"))
     whatif.activate(gpu)
     _quiet_vllm_logging()
     return True
@@ -254,6 +258,10 @@ def create_config(args: argparse.Namespace, gpu: GpuSpec):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "data_parallel_size_local"):
+        v = getattr(args, name, None)
+        if isinstance(v, int) and v < 1:  # vLLM divides by these before it checks them
+            raise DiagError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
     tp = getattr(args, "tensor_parallel_size", 1) or 1
     pp = getattr(args, "pipeline_parallel_size", 1) or 1
     dp_local = getattr(args, "data_parallel_size_local", None) or getattr(args, "data_parallel_size", 1) or 1

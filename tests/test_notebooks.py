@@ -9,8 +9,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -198,6 +201,28 @@ def test_report_builds_every_notebook(built_report):
     for p in NOTEBOOKS:
         assert f'href="{p.stem}.html"' in index
     print(f"report built in {seconds:.1f} s")
+
+
+PYTHON_WARNING = re.compile(r"\b[A-Z]\w*Warning\b|Traceback \(most recent call last\)")
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{200,}")  # figures and widget buffers: not text a reader sees
+
+
+def machine_places() -> list[str]:
+    """Absolute places of the machine that built the report, which no page may show."""
+    places = [str(ROOT), sys.prefix, sys.base_prefix, str(Path.home()) + "/", tempfile.gettempdir() + "/"]
+    host = socket.gethostname()
+    return places + ([host] if len(host) >= 4 and host != "localhost" else [])
+
+
+@pytest.mark.parametrize("name", [p.stem for p in NOTEBOOKS] + ["index"])
+def test_report_pages_show_no_warnings_and_no_machine_paths(name, built_report):
+    """Checked on the exported HTML: no Python warning or traceback, no path of this machine."""
+    out, _, _ = built_report
+    text = BASE64_RUN.sub("", (out / f"{name}.html").read_text())
+    found = PYTHON_WARNING.search(text)
+    assert found is None, f"{name}.html: {text[max(0, found.start() - 200):found.end() + 200]}"
+    for place in machine_places():
+        assert place not in text, f"{name}.html shows {place}: ...{text[max(0, text.index(place) - 120):][:300]}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -189,6 +189,29 @@ def test_rejected_knob_value_is_one_clear_line(scenario):
         sweep(scenario, [], progress=False)
 
 
+def test_a_reused_engine_replays_as_a_fresh_one(scenario, monkeypatch):
+    """Prefix-cache hashes handed out by prefix and the blocks evicted after each workload leave no trace:
+    every workload on one engine gives what vLLM's own hasher gives on a fresh engine (kv usage included)."""
+    workloads = [single(8193, 2), with_decoders(8192, 3, output_len=2), prompts(100, 8192, 20000, output_len=3),
+                 single(8193, 2), single(40, 20)]
+    reused = Engine(scenario, 20 << 30)
+    assert (reused.prefix is not None) == compat.can_evict_cached_blocks()
+    for w in workloads:
+        fresh = Engine(scenario, 20 << 30)
+        fresh.prefix = None  # vLLM's request block hasher for every request, on its own salt
+        assert reused.run(w) == fresh.run(w), w.name
+    if reused.prefix is None:
+        return
+    monkeypatch.setattr(compat, "evict_cached_blocks", lambda *a: None)  # the control: without the eviction
+    reused.run(single(8193, 2))
+    assert reused.run(single(8193, 2)) != Engine(scenario, 20 << 30).run(single(8193, 2)), "a prefix hit shows"
+
+
+def test_kv_memory_beyond_the_gpu_is_refused(scenario):
+    with pytest.raises(DiagError, match="more KV memory than one .* has"):
+        trace(scenario, single(10), kv_memory_bytes=scenario.gpu.memory_bytes + 1)
+
+
 def test_stalled_scheduler_is_reported(scenario):
     try:
         stalled = scenario.derive("--max-num-seqs", "0")

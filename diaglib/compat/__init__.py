@@ -11,6 +11,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.compile`: compile mode and ranges, capture sizes
 - :mod:`.cudagraphs`: CUDA-graph dispatch and padding
 - :mod:`.scheduling`: the scheduler, its requests and outputs, KV-cache sizing
+- :mod:`.prefix_cache`: which blocks a step handed out, evicting their hashes between replays
 - :mod:`.models`: model building
 - :mod:`.moe`: MoE layers, quant methods, experts, workspaces, chunking, Triton config inputs
 - :mod:`.attention`: attention backend selection
@@ -66,7 +67,6 @@ from .forward import (
     kv_cache_tensor,
     layer_backend,
     layer_kv_spec,
-    metadata_builder,
     profile_runs_attention,
     runner_buffers,
     sampler,
@@ -104,6 +104,7 @@ from .moe import (
     triton_runs_layer,
 )
 from .parsing import check_prompt_len, flexible_argument_parser, serve_options, serve_parser
+from .prefix_cache import can_evict_cached_blocks, evict_cached_blocks, scheduled_block_ids
 from .releases import CI, REFERENCE, installed, is_verified, supported, venv_python
 from .scheduling import (
     batch_queue_size,

@@ -180,7 +180,7 @@ def cudagraph_support(backend, vllm_config, kv_cache_spec) -> str:
     return "ALWAYS" if getattr(builder, "full_cudagraph_supported", False) else "NEVER"
 
 
-def metadata_builder(backend, kv_cache_spec, layer_names: list[str], vllm_config):
+def metadata_builder(backend, kv_cache_spec, layer_names: list[str], vllm_config, device=None):
     """vLLM's metadata builder for ``backend`` constructed as the model runner constructs it (on a what-if
     GPU its buffers land on the meta device). Call with the model's layers registered in the config."""
     import torch
@@ -189,7 +189,7 @@ def metadata_builder(backend, kv_cache_spec, layer_names: list[str], vllm_config
     cls = backend.get_builder_cls()
     params = inspect.signature(cls.__init__).parameters
     values = {"kv_cache_spec": kv_cache_spec, "layer_names": layer_names, "vllm_config": vllm_config,
-              "device": torch.device("cuda", 0)}
+              "device": torch.device("cuda", 0) if device is None else device}
     with set_current_vllm_config(vllm_config):
         return cls(**{k: v for k, v in values.items() if k in params})
 

@@ -186,14 +186,6 @@ def common_metadata(**fields):
     return cls(**{k: v for k, v in fields.items() if k in names})
 
 
-def metadata_builder(backend, spec, layer_names: list[str], cfg, device):
-    """The backend's metadata builder, constructed as the model runner constructs it."""
-    cls = backend.get_builder_cls()
-    params = inspect.signature(cls.__init__).parameters
-    kw = {"kv_cache_spec": spec, "layer_names": layer_names, "vllm_config": cfg, "device": device}
-    return cls(**{k: v for k, v in kw.items() if k in params})
-
-
 def build_metadata(builder, common):
     """One step's attention metadata from the backend's builder."""
     if takes(f"{type(builder).__module__}:{type(builder).__qualname__}.build", "common_prefix_len"):

@@ -4,6 +4,10 @@ The prediction is made here on the CPU for the exact engine the run built (its s
 per-step tokens and graph mode from vLLM's real scheduler and dispatcher (diaglib.predict.schedule), given the
 KV-cache size the engine logged; memory from diaglib.predict.memory. The observation is what the child recorded
 from inside vLLM: the tokens each scheduler step scheduled and the graph mode of each forward pass.
+
+A prediction is made once per (engine, workload) and kept in diaglib's cache (diaglib.cache: keyed by the
+vLLM build, diaglib's source, the serve command, the GPU, the model folder's files and the workload), so a
+report does not redo it for every record it shows.
 """
 from __future__ import annotations
 
@@ -53,6 +57,14 @@ def _engine_for(command: str, gpu: str, kv_bytes: int | None):
     return Engine(_scenario(command, gpu), kv_bytes)
 
 
+def _kept(kind: str, command: str, gpu: str, compute, **parts):
+    """``compute()`` for this engine, kept in diaglib's cache under the engine, its model files and ``parts``."""
+    from .. import cache
+
+    return cache.memo(kind, {"command": command, "gpu": gpu, "models": cache.command_models(command, {}), **parts},
+                      compute)
+
+
 def _workload(probe: dict):
     from ..predict.workload import Req, Workload
 
@@ -74,40 +86,58 @@ def steps(path: str | Path, run: str | None = None) -> pd.DataFrame:
 
 
 def _compare(path: Path, run: str | None) -> tuple[pd.DataFrame, list[dict]]:
+    from ..predict.schedule import quiet_gc
+
     records = store.read(path)
     engines = _engines(records)
-    rows, counts, cache = [], [], {}
-    for r in records:
-        if r.get("type") != "probe" or (run and r["run"] != run) or r.get("outcome") != "ok":
-            continue
-        if not r["probe"].get("prompts") or r.get("steps") is None:
-            continue
-        eng = engines.get((r["run"], r["engine_id"]))
-        if eng is None:
-            continue
-        command = local_command(eng["spec"], path.parent)
-        gpu = (eng.get("info") or {}).get("gpu_name", "NVIDIA H200")
-        kv = eng.get("logged", {}).get("kv_cache_gib")
-        ck = (command, gpu, kv)
-        if ck not in cache:
-            cache[ck] = _engine_for(command, gpu, int(kv * GiB) if kv else None)
-        pred = [p for p in cache[ck].run(_workload(r["probe"]))[0]]
-        obs = r["steps"]
-        counts.append({"run": r["run"], "key": r["key"], "predicted_steps": len(pred), "observed_steps": len(obs),
-                       "predicted_empty_steps": sum(not p["total_tokens"] for p in pred),
-                       "observed_empty_steps": sum(not o["total"] for o in obs)})
-        pf = [p for p in pred if p["total_tokens"]]
-        of = [(o, f) for o, f in zip([o for o in obs if o["total"]], r.get("forwards") or [])]
-        for i in range(max(len(pf), len(of))):
-            p = pf[i] if i < len(pf) else {}
-            o, f = of[i] if i < len(of) else ({}, {})
-            pt, ot, pm, om = p.get("total_tokens"), o.get("total"), p.get("cudagraph_mode"), f.get("mode")
-            pp, op = p.get("padded_tokens"), f.get("num_tokens")
-            rows.append({"run": r["run"], "key": r["key"], "step": i, "predicted_tokens": pt, "observed_tokens": ot,
-                         "tokens_match": pt == ot, "predicted_mode": pm, "observed_mode": om,
-                         "predicted_padded": pp, "observed_padded": op, "mode_match": pm == om and pp == op,
-                         "predicted_schedule": p.get("schedule")})
+    rows, counts, built = [], [], {}
+
+    def predict(command: str, gpu: str, kv: int | None, probe: dict) -> list[dict]:
+        if (command, gpu, kv) not in built:
+            built[(command, gpu, kv)] = _engine_for(command, gpu, kv)
+        return built[(command, gpu, kv)].run(_workload(probe))[0]
+
+    with quiet_gc():
+        for r in records:
+            row = _compare_probe(r, engines, path, run, predict)
+            if row is not None:
+                counts.append(row[0])
+                rows += row[1]
     return pd.DataFrame(rows, columns=_STEP_COLUMNS), counts
+
+
+def _compare_probe(r: dict, engines: dict, path: Path, run: str | None, predict):
+    """(counts, step rows) of one probe record, or None when it has nothing to compare."""
+    if r.get("type") != "probe" or (run and r["run"] != run) or r.get("outcome") != "ok":
+        return None
+    if not r["probe"].get("prompts") or r.get("steps") is None:
+        return None
+    eng = engines.get((r["run"], r["engine_id"]))
+    if eng is None:
+        return None
+    command = local_command(eng["spec"], path.parent)
+    gpu = (eng.get("info") or {}).get("gpu_name", "NVIDIA H200")
+    kv = eng.get("logged", {}).get("kv_cache_gib")
+    kv = int(kv * GiB) if kv else None
+    workload = {k: r["probe"].get(k) for k in ("prompts", "max_tokens", "arrivals")}
+    pred = _kept("live-steps", command, gpu, lambda: predict(command, gpu, kv, r["probe"]), kv=kv, workload=workload)
+    obs = r["steps"]
+    counts = {"run": r["run"], "key": r["key"], "predicted_steps": len(pred), "observed_steps": len(obs),
+              "predicted_empty_steps": sum(not p["total_tokens"] for p in pred),
+              "observed_empty_steps": sum(not o["total"] for o in obs)}
+    pf = [p for p in pred if p["total_tokens"]]
+    of = [(o, f) for o, f in zip([o for o in obs if o["total"]], r.get("forwards") or [])]
+    rows = []
+    for i in range(max(len(pf), len(of))):
+        p = pf[i] if i < len(pf) else {}
+        o, f = of[i] if i < len(of) else ({}, {})
+        pt, ot, pm, om = p.get("total_tokens"), o.get("total"), p.get("cudagraph_mode"), f.get("mode")
+        pp, op = p.get("padded_tokens"), f.get("num_tokens")
+        rows.append({"run": r["run"], "key": r["key"], "step": i, "predicted_tokens": pt, "observed_tokens": ot,
+                     "tokens_match": pt == ot, "predicted_mode": pm, "observed_mode": om,
+                     "predicted_padded": pp, "observed_padded": op, "mode_match": pm == om and pp == op,
+                     "predicted_schedule": p.get("schedule")})
+    return counts, rows
 
 
 def probes(path: str | Path, run: str | None = None) -> pd.DataFrame:
@@ -137,7 +167,9 @@ def memory(path: str | Path, run: str | None = None) -> pd.DataFrame:
         command = local_command(eng["spec"], path.parent)
         gpu = (eng.get("info") or {}).get("gpu_name", "NVIDIA H200")
         if (command, gpu) not in seen:
-            seen[(command, gpu)] = mem.budget(_scenario(command, gpu)).set_index("item")
+            seen[(command, gpu)] = pd.DataFrame(_kept(
+                "live-budget", command, gpu,
+                lambda: mem.budget(_scenario(command, gpu)).to_dict(orient="records"))).set_index("item")
         b, lg = seen[(command, gpu)], eng.get("logged", {})
         for item, logged in (("weights", "weights_gib"), ("KV cache", "kv_cache_gib"),
                              ("CUDA-graph pool", "graph_pool_gib")):

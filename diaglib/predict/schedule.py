@@ -8,8 +8,9 @@ one token. :func:`sweep` does this for many prompt lengths x knob settings.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
-import json
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -27,62 +28,110 @@ PHASE_CODE = {"prefill-chunk": "P", "last-prefill-chunk": "L", "decode": "D"}
 
 # --- KV memory --------------------------------------------------------------------------------------
 
-def weights_per_rank_bytes(sc) -> tuple[int, str]:
-    """Estimated weight bytes on one rank (derived, a guess): the checkpoint's total_size from its
-    safetensors index if the model folder has one, else a parameter count from the HF config."""
-    pc = sc.vllm_config.parallel_config
-    ranks = pc.tensor_parallel_size * pc.pipeline_parallel_size
-    index = sc.model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        total = json.loads(index.read_text()).get("metadata", {}).get("total_size")
-        if total:
-            return int(total) // ranks, f"checkpoint size {total / 2**30:.1f} GiB / {ranks} ranks"
-    return _param_estimate(sc.hf_config, sc.vllm_config.model_config.dtype.itemsize, ranks)
+_WEIGHTS: dict[str, int] = {}  # per-rank weight bytes by model key, for the life of the process
 
 
-def _param_estimate(hf, dtype_bytes: int, ranks: int) -> tuple[int, str]:
-    def g(*names, default=0):  # the first of these config fields that is set
-        return next((getattr(hf, n) for n in names if getattr(hf, n, None)), default)
-
-    h, layers, vocab = hf.hidden_size, hf.num_hidden_layers, hf.vocab_size
-    heads = hf.num_attention_heads
-    kv = g("num_key_value_heads", default=heads)
-    d = g("head_dim", default=h // heads)
-    attn = h * (heads * d + 2 * kv * d) + heads * d * h
-    experts = g("n_routed_experts", "num_experts", "num_local_experts")
-    moe_layers = layers - g("first_k_dense_replace") if experts else 0
-    moe = (experts + g("n_shared_experts")) * 3 * h * g("moe_intermediate_size", "intermediate_size") + h * experts
-    linear = layers * attn + (layers - moe_layers) * 3 * h * g("intermediate_size") + moe_layers * moe
-    embed = vocab * h * (1 if getattr(hf, "tie_word_embeddings", False) else 2)
-    bits = _weight_bits(getattr(hf, "quantization_config", None) or {}) or 8 * dtype_bytes
-    total = linear * bits // 8 + embed * dtype_bytes
-    return total // ranks, f"~{(linear + embed) / 1e9:.0f}B parameters from config.json, {bits}-bit linear weights"
+def _model_key(sc) -> dict:
+    """What decides the weights vLLM builds for rank 0 (the model, its dtype and quantization, the parallel
+    layout, the KV-cache dtype of the attention layers' scales); scheduler knobs are not in it, so a sweep
+    over them builds the model once."""
+    cfg = sc.vllm_config
+    mc, pc = cfg.model_config, cfg.parallel_config
+    return {"hf_config": mc.hf_config.to_json_string(use_diff=False), "dtype": str(mc.dtype),
+            "quantization": str(getattr(mc, "quantization", None)), "model": str(sc.model_dir),
+            "parallel": [pc.tensor_parallel_size, pc.pipeline_parallel_size, pc.data_parallel_size,
+                         bool(pc.enable_expert_parallel), getattr(pc, "decode_context_parallel_size", 1),
+                         getattr(pc, "prefill_context_parallel_size", 1)],
+            "cache_dtype": str(cfg.cache_config.cache_dtype), "gpu": sc.gpu.name,
+            "impl": [str(getattr(mc, n, None)) for n in ("model_impl", "runner_type", "convert_type")]}
 
 
-def _weight_bits(q: dict) -> int | None:
-    if q.get("quant_method") == "fp8":
-        return 8
-    groups = q.get("config_groups") or {}
-    bits = [grp.get("weights", {}).get("num_bits") for grp in groups.values()]
-    bits += [q.get("bits"), q.get("w_bit")]
-    bits = [b for b in bits if b]
-    return max(bits) if bits else None
+def weights_per_rank_bytes(sc) -> int:
+    """Exact weight bytes on one rank: vLLM's model built on the meta device (diaglib.predict.memory), kept in
+    diaglib's cache (diaglib.cache) under the model's files and everything that decides its shapes."""
+    from .. import cache
+    from .memory import weights_total_bytes
+
+    parts = {**_model_key(sc), "files": cache.model_files(sc.model_dir)}
+    k = cache.key("weights", parts)
+    if k not in _WEIGHTS:
+        _WEIGHTS[k] = int(cache.memo("weights", parts, lambda: weights_total_bytes(sc)))
+    return _WEIGHTS[k]
 
 
 def default_kv_memory(sc) -> tuple[int, str]:
-    """KV-cache bytes per GPU when none is given (a guess, no profile run on CPU):
-    GPU memory x gpu_memory_utilization - estimated weights per rank - a fixed activation reserve."""
+    """KV-cache bytes per GPU when none is given (a guess, no profile run on CPU): GPU memory x
+    gpu_memory_utilization - the exact weights of one rank - a fixed activation reserve."""
     util = sc.vllm_config.cache_config.gpu_memory_utilization
-    weights, how = weights_per_rank_bytes(sc)
+    try:
+        weights = weights_per_rank_bytes(sc)
+    except DiagError as e:
+        raise DiagError(f"{e}; without vLLM's model diaglib cannot guess the KV memory: pass kv_memory_bytes "
+                        "(--kv-memory-gib)") from None
     kv = int(sc.gpu.memory_bytes * util) - weights - ACTIVATION_RESERVE_BYTES
-    why = (f"KV memory is a GUESS: {sc.gpu.memory_mib} MiB x {util} - weights {weights / 2**30:.1f} GiB "
-           f"({how}) - {ACTIVATION_RESERVE_BYTES >> 30} GiB activation reserve = {kv / 2**30:.1f} GiB per GPU")
+    why = (f"KV memory is a GUESS: {sc.gpu.memory_mib} MiB x {util} - weights {weights / 2**30:.2f} GiB (exact: "
+           f"vLLM's model on the meta device, this rank) - {ACTIVATION_RESERVE_BYTES >> 30} GiB activation reserve "
+           f"= {kv / 2**30:.1f} GiB per GPU")
     if kv <= 0:
         raise DiagError(f"no memory left for the KV cache by diaglib's estimate ({why}); pass kv_memory_bytes")
     return kv, why
 
 
+_FROZEN = False
+
+
+@contextlib.contextmanager
+def quiet_gc():
+    """Keep Python's cyclic garbage collector off the objects that exist already (vLLM's modules and configs, a
+    scheduler's block pool) while many short-lived ones are made: each full collection of a heap with vLLM
+    imported walks about a million objects. Left alone where something else manages the collector."""
+    global _FROZEN
+    if _FROZEN or not gc.isenabled() or gc.get_freeze_count():  # the count walks the frozen objects: ask once
+        yield
+        return
+    gc.freeze()
+    _FROZEN = True
+    try:
+        yield
+    finally:
+        _FROZEN = False
+        gc.unfreeze()
+
+
 # --- the engine: vLLM's scheduler and the worker's outputs ------------------------------------------
+
+class _PrefixHashes:
+    """vLLM's own block hashes, computed once per request slot and handed out by prefix.
+
+    Every prompt diaglib replays is ``[1] * n`` and every sampled token is 1, so the block hashes of a request
+    are a prefix of those of the longest such sequence under the same cache salt. Request slot i of a workload
+    always gets salt ``diaglib-slot-i`` (requests of one workload never share blocks); after each workload the
+    engine evicts the blocks it cached from vLLM's prefix cache (compat.evict_cached_blocks), so the next one
+    starts as on a fresh engine. The hashes come from vLLM's request block hasher on a request of that salt."""
+
+    def __init__(self, hasher, hash_block_size: int):
+        self.hasher, self.size = hasher, hash_block_size
+        self.chains: dict[int, list] = {}
+
+    @staticmethod
+    def salt(slot: int) -> str:
+        return f"diaglib-slot-{slot}"
+
+    def block_hasher(self, slot: int):
+        chain = self.chains.setdefault(slot, [])
+
+        def hashes(request) -> list:
+            end = request.num_tokens // self.size
+            if end > len(chain):
+                self._extend(slot, chain, max(end, 2 * len(chain)))
+            return chain[len(request.block_hashes):end]
+
+        return hashes
+
+    def _extend(self, slot: int, chain: list, blocks: int) -> None:
+        req = compat.new_request("diaglib-hashes", [1] * (blocks * self.size), 1, self.hasher, self.salt(slot))
+        chain[:] = req.block_hashes
+
 
 class Engine:
     """vLLM's scheduler for one resolved config, reusable across workloads (it is drained after each)."""
@@ -93,18 +142,32 @@ class Engine:
             memory, why = default_kv_memory(sc)
         elif kv_memory_bytes <= 0:
             raise DiagError(f"kv_memory_bytes must be positive, got {kv_memory_bytes}")
+        elif kv_memory_bytes > sc.gpu.memory_bytes:
+            raise DiagError(f"{kv_memory_bytes / 2**30:.1f} GiB is more KV memory than one {sc.gpu.name} has "
+                            f"({sc.gpu.memory_mib} MiB)")
         else:
             memory, why = int(kv_memory_bytes), f"KV memory given: {kv_memory_bytes / 2**30:.2f} GiB per GPU"
-        self.kv_config, block_size, hash_block_size = compat.kv_cache_config(self.cfg, memory)
-        self.scheduler, self.hasher = compat.new_scheduler(self.cfg, self.kv_config, block_size, hash_block_size)
+        with quiet_gc():
+            self.kv_config, block_size, hash_block_size = compat.kv_cache_config(self.cfg, memory)
+            self.scheduler, self.hasher = compat.new_scheduler(self.cfg, self.kv_config, block_size, hash_block_size)
+        self.prefix = (_PrefixHashes(self.hasher, hash_block_size)
+                       if self.hasher is not None and compat.can_evict_cached_blocks() else None)
         self.budget = self.cfg.scheduler_config.max_num_batched_tokens
         self.queue_size = compat.batch_queue_size(self.cfg)
+        self._checked: set[int] = set()  # prompt lengths vLLM's front end accepts
+        self._dispatched: dict[tuple[int, int, int], dict] = {}  # batch shape -> vLLM's dispatch of it
         self.kv_info = {"kv_memory_bytes": memory, "num_blocks": self.kv_config.num_blocks, "block_size": block_size,
                         "guessed": kv_memory_bytes is None}
         self.notes = [why, f"{type(self.scheduler).__name__}, {self.kv_config.num_blocks} KV blocks of "
                            f"{block_size} tokens (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
         if derived_note(self.cfg):
             self.notes.append("graph dispatch " + derived_note(self.cfg))
+
+    def _request(self, slot: int, r):
+        if self.prefix is None:  # vLLM's hasher on a salt of its own
+            return compat.new_request(r.req_id, [1] * r.prompt_len, r.output_len, self.hasher, f"diaglib-{next(_SALT)}")
+        return compat.new_request(r.req_id, [1] * r.prompt_len, r.output_len, self.prefix.block_hasher(slot),
+                                  self.prefix.salt(slot))
 
     def run(self, workload: Workload, max_steps: int = 100_000) -> tuple[list[dict], list[dict]]:
         """Replay ``workload`` in the engine core's loop; returns (per-step rows, per-request rows).
@@ -115,19 +178,21 @@ class Engine:
         from vllm.v1.request import RequestStatus
 
         for r in workload:
-            compat.check_prompt_len(self.cfg, r.prompt_len)
+            if r.prompt_len not in self._checked:
+                compat.check_prompt_len(self.cfg, r.prompt_len)
+                self._checked.add(r.prompt_len)
         s = self.scheduler
-        pending = list(workload)
+        pending = list(enumerate(workload))
         background = {r.req_id for r in workload if r.background}
         added: set[str] = set()
+        blocks: set[int] = set()
         steps, per_req = [], []
         in_flight: deque = deque()  # scheduled steps whose output is not processed yet, newest first
         step = idle = 0
         while True:
-            while pending and pending[0].arrival_step <= step:
-                r = pending.pop(0)
-                s.add_request(compat.new_request(r.req_id, [1] * r.prompt_len, r.output_len, self.hasher,
-                                                   f"diaglib-{next(_SALT)}"))
+            while pending and pending[0][1].arrival_step <= step:
+                slot, r = pending.pop(0)
+                s.add_request(self._request(slot, r))
                 added.add(r.req_id)
             live = {rid for rid in added if rid in s.requests}
             if not pending and live and live <= background:
@@ -136,6 +201,8 @@ class Engine:
                 if step >= max_steps:
                     raise DiagError(f"the workload did not finish within {max_steps} steps")
                 out, row, result = self._schedule(step, per_req)
+                if self.prefix is not None:
+                    blocks.update(compat.scheduled_block_ids(out))
                 steps.append(row)
                 in_flight.appendleft((out, result))
                 idle = 0 if row["forward"] else idle + 1
@@ -149,10 +216,12 @@ class Engine:
             elif not in_flight:
                 if not pending:
                     break
-                step = pending[0].arrival_step  # the engine idles: no step until the next arrival
+                step = pending[0][1].arrival_step  # the engine idles: no step until the next arrival
                 continue
             out, result = in_flight.pop()
             s.update_from_output(out, result)
+        if blocks:
+            compat.evict_cached_blocks(s, blocks)
         return steps, per_req
 
     def _schedule(self, step: int, per_req: list[dict]):
@@ -177,10 +246,13 @@ class Engine:
                "max_query_len": max(counts.values(), default=0), "schedule": " ".join(codes),
                "at_budget": total == self.budget, "forward": total > 0}
         if total:
-            d = dispatch(self.cfg, total, num_reqs=len(ids), max_query_len=row["max_query_len"],
-                         has_prefill=row["num_prefill"] > 0)
-            row.update({k: d[k] for k in ("uniform_decode", "padded_tokens", "cudagraph_mode", "compile_kind",
-                                          "compile_range")})
+            shape = (total, len(ids), row["max_query_len"], row["num_prefill"] > 0)
+            if shape not in self._dispatched:
+                d = dispatch(self.cfg, total, num_reqs=len(ids), max_query_len=row["max_query_len"],
+                             has_prefill=row["num_prefill"] > 0)
+                self._dispatched[shape] = {k: d[k] for k in ("uniform_decode", "padded_tokens", "cudagraph_mode",
+                                                              "compile_kind", "compile_range")}
+            row.update(self._dispatched[shape])
         else:  # nothing scheduled: no forward pass (the step tells workers which requests finished)
             row.update(uniform_decode=False, padded_tokens=0, cudagraph_mode=None, compile_kind=None,
                        compile_range=None)
@@ -244,8 +316,9 @@ def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, 
           kv_memory_bytes: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Single prompts of each length (plus ``decoders`` concurrent decoders) x every combination of knob
     values, one row per (point, step); ``budget`` and ``chunked_prefill_resolved`` say what vLLM made of
-    the knobs. Configs, KV config and scheduler are built once per combination and reused."""
-    from tqdm.auto import tqdm
+    the knobs. Per combination the config is resolved and vLLM's scheduler built once, then reused for every
+    length (prefix-cache hashes computed once, the cache emptied between points: see :class:`Engine`)."""
+    from .. import progress as bar
 
     lengths = [int(x) for x in lengths]
     if not lengths:
@@ -255,27 +328,25 @@ def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, 
         if not vals:
             raise DiagError(f"knob {k} has no values")
     combos = list(itertools.product(*knobs.values())) or [()]
-    engines = []
-    for combo in combos:
-        flags = [f for k, v in zip(knobs, combo) for f in knob_flags(k, v)]
-        try:
-            sc = scenario.derive(*flags) if flags else scenario
-        except DiagError as e:
-            raise DiagError(f"{', '.join(f'{k}={v}' for k, v in zip(knobs, combo))}: {e}") from None
-        engines.append((dict(zip(knobs, combo)), Engine(sc, kv_memory_bytes)))
+    workloads = [with_decoders(L, decoders, output_len=output_len) if decoders else single(L, output_len)
+                 for L in lengths]
     rows = []
-    bar = tqdm(total=len(combos) * len(lengths), disable=not progress, unit="pt", desc="sweep")
-    for setting, eng in engines:
-        sch = eng.cfg.scheduler_config
-        resolved = {"budget": sch.max_num_batched_tokens, "chunked_prefill_resolved": bool(sch.enable_chunked_prefill)}
-        for L in lengths:
-            w = with_decoders(L, decoders, output_len=output_len) if decoders else single(L, output_len)
-            steps, _ = eng.run(w)
-            rows += [{**setting, **resolved, "prompt_len": L, **r} for r in steps]
-            bar.update()
-    bar.close()
+    with quiet_gc(), bar.bar(total=len(combos) * len(lengths), desc="sweep", unit="pt", enabled=progress) as b:
+        for combo in combos:
+            flags = [f for k, v in zip(knobs, combo) for f in knob_flags(k, v)]
+            try:
+                sc = scenario.derive(*flags) if flags else scenario
+            except DiagError as e:
+                raise DiagError(f"{', '.join(f'{k}={v}' for k, v in zip(knobs, combo))}: {e}") from None
+            eng = Engine(sc, kv_memory_bytes)
+            sch = eng.cfg.scheduler_config
+            fixed = {**dict(zip(knobs, combo)), "budget": sch.max_num_batched_tokens,
+                     "chunked_prefill_resolved": bool(sch.enable_chunked_prefill)}
+            for L, w in zip(lengths, workloads):
+                steps, _ = eng.run(w)
+                rows += [{**fixed, "prompt_len": L, **r} for r in steps]
+                b.update()
     return pd.DataFrame(rows)
-
 
 
 # --- parsing and text -------------------------------------------------------------------------------

@@ -79,6 +79,34 @@ def mark_boundary(ax, at: float = 8192, *, axis: str = "x", label: str | None = 
                     textcoords="offset points", ha="left", va="bottom", color=BOUNDARY, fontsize=9)
 
 
+LABEL_CHARS = 32  # longest category label drawn on an axis; longer ones are shortened in the middle
+ROW_IN, MAX_ROWS = 0.32, 40  # height of one category row; the most rows one figure draws
+
+
+def short_labels(labels, width: int = LABEL_CHARS) -> list[str]:
+    """Axis labels of at most ``width`` characters (the middle of a long one replaced by an ellipsis),
+    still telling every label apart."""
+    out = []
+    for text in map(str, labels):
+        if len(text) > width:
+            keep = width - 1
+            text = text[: (keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
+        out.append(text)
+    counts: dict[str, int] = {}
+    for text in out:
+        counts[text] = counts.get(text, 0) + 1
+    for i, text in enumerate(out):
+        if counts[text] > 1:  # shortened alike: number them by position
+            tag = f"…#{i + 1}"
+            out[i] = text[: width - len(tag)] + tag
+    return out
+
+
+def rows_height(n: int, *, base: float = 1.2) -> float:
+    """A figure height for ``n`` category rows (``MAX_ROWS`` at most are drawn)."""
+    return base + ROW_IN * min(max(n, 1), MAX_ROWS)
+
+
 def legend_handles(palette: dict[str, str], keys=None, labels: dict[str, str] | None = None) -> list[Patch]:
     """Legend patches for some keys of PHASE or MODE (padding drawn hatched, as in the bars)."""
     labels = labels or {}
@@ -269,18 +297,22 @@ def boundary_map(df, *, budget: int):
     """Every boundary of diaglib.predict.boundaries on one log2 token axis, one row per kind (marker: which axis);
     each kind's boundary nearest to the budget is labelled with its token count."""
     kinds = list(dict.fromkeys(df.sort_values("distance")["kind"]))
-    fig, ax = figure(height=0.9 + 0.32 * len(kinds))
+    dropped = kinds[MAX_ROWS:]
+    kinds = kinds[:MAX_ROWS]
+    df = df[df["kind"].isin(kinds)]
+    fig, ax = figure(height=rows_height(len(kinds), base=0.9))
     y = {k: i for i, k in enumerate(reversed(kinds))}
     for axis, part in df.groupby("axis"):
         ax.scatter(part["tokens"], part["kind"].map(y), marker=AXIS_MARKER.get(axis, "o"), s=26, color="#333333",
                    facecolors="none" if axis == "prompt" else "#333333", label=AXIS_LABEL.get(axis, axis), zorder=4)
     for r in df.sort_values("distance").drop_duplicates("kind").itertuples():
         ax.annotate(f"{r.tokens:,}", (r.tokens, y[r.kind]), xytext=(5, 4), textcoords="offset points", fontsize=8)
-    ax.set_yticks(list(y.values()), list(y.keys()))
+    ax.set_yticks(list(y.values()), short_labels(y.keys()))
     ax.set_ylim(-0.7, len(kinds) - 0.3)
     ax.set_xscale("log", base=2)
     tokens_axis(ax, label="token count where behaviour changes (first count on the new side, log2 scale)")
-    ax.set_title("Boundary map: where vLLM's behaviour changes")
+    ax.set_title("Boundary map: where vLLM's behaviour changes"
+                 + (f" (the {len(kinds)} kinds nearest the budget; {len(dropped)} more in the table)" if dropped else ""))
     mark_boundary(ax, budget)
     fig.legend(loc="outside lower center", ncol=3)
     return fig
@@ -371,26 +403,38 @@ def steps_predicted_observed(steps, *, budget: int = 8192):
     return fig
 
 
-def probe_outcomes(probes):
-    """Each live probe by its total prompt tokens and run: circles ran clean, crosses faulted."""
+def probe_outcomes(probes, *, max_notes: int = 12):
+    """Each live probe by its total prompt tokens and run: circles ran clean, crosses faulted. Long run names are
+    shortened (the table beside the figure has them in full); past MAX_ROWS runs, those with faults and the
+    latest are drawn; at most ``max_notes`` faults are labelled."""
     runs = list(dict.fromkeys(probes["run"])) if not probes.empty else []
-    fig, ax = figure(height=1.2 + 0.45 * len(runs))
+    if len(runs) > MAX_ROWS:
+        faulted = list(dict.fromkeys(probes.loc[probes["outcome"] != "ok", "run"]))[:MAX_ROWS]
+        keep = set(faulted) | set(runs[-(MAX_ROWS - len(faulted)):] if len(faulted) < MAX_ROWS else [])
+        shown = [r for r in runs if r in keep]
+    else:
+        shown = runs
+    fig, ax = figure(height=rows_height(len(shown)))
     if probes.empty:
         _empty(ax, "no live probes recorded")
         return fig
-    y = {r: i for i, r in enumerate(reversed(runs))}
-    x = probes["total_tokens"].where(probes["total_tokens"] > 0, probes["key"].str.extract(r"m(\d+)")[0].astype(float))
-    ok = probes["outcome"] == "ok"
-    ax.scatter(x[ok], probes.loc[ok, "run"].map(y), s=28, facecolors="none", edgecolors="black", label="ran clean")
-    ax.scatter(x[~ok], probes.loc[~ok, "run"].map(y), s=70, marker="X", color=FAULT, label="faulted", zorder=5)
-    for i in probes.index[~ok]:
-        ax.annotate(f"{probes.at[i, 'key']}: {probes.at[i, 'outcome']}", (x[i], y[probes.at[i, 'run']]),
+    part = probes[probes["run"].isin(shown)]
+    y = {r: i for i, r in enumerate(reversed(shown))}
+    x = part["total_tokens"].where(part["total_tokens"] > 0, part["key"].str.extract(r"m(\d+)")[0].astype(float))
+    ok = part["outcome"] == "ok"
+    ax.scatter(x[ok], part.loc[ok, "run"].map(y), s=28, facecolors="none", edgecolors="black", label="ran clean")
+    ax.scatter(x[~ok], part.loc[~ok, "run"].map(y), s=70, marker="X", color=FAULT, label="faulted", zorder=5)
+    faults = part.index[~ok]
+    for i in faults[:max_notes]:
+        ax.annotate(short_labels([f"{part.at[i, 'key']}: {part.at[i, 'outcome']}"], 40)[0], (x[i], y[part.at[i, "run"]]),
                     xytext=(6, 6), textcoords="offset points", fontsize=8, color=FAULT)
-    ax.set_yticks(list(y.values()), list(y.keys()))
-    ax.set_ylim(-0.7, len(runs) - 0.3)
+    ax.set_yticks(list(y.values()), short_labels(y.keys()))
+    ax.set_ylim(-0.7, len(shown) - 0.3)
     tokens_axis(ax, label="prompt tokens in the probe (planted faults: the M they fire at)")
     mark_boundary(ax, 8192, label="8,192")
-    ax.set_title("Live probes and their outcome")
+    notes = [f"{len(runs) - len(shown)} of {len(runs)} runs not drawn"] if len(shown) < len(runs) else []
+    notes += [f"{len(faults) - max_notes} more faults not labelled"] if len(faults) > max_notes else []
+    ax.set_title("Live probes and their outcome" + (f" ({'; '.join(notes)})" if notes else ""))
     fig.legend(loc="outside lower center", ncol=2)
     return fig
 
@@ -408,7 +452,7 @@ def memory_predicted_observed(mem):
         if r.observed_gib is not None and r.error_pct == r.error_pct and r.error_pct is not None:
             ax.annotate(f"{r.error_pct:+.1f}%", (max(r.predicted_gib, r.observed_gib), y), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=8)
-    ax.set_yticks(list(ys), list(mem["item"]))
+    ax.set_yticks(list(ys), short_labels(mem["item"], 40))
     ax.set_xlabel("GiB per GPU")
     ax.grid(axis="y", visible=False)
     ax.set_title(f"Memory, predicted against observed: run {mem['run'].iloc[0]}, engine {mem['engine_id'].iloc[0]}",
@@ -441,7 +485,7 @@ def live_heatmap(grid, *, title: str | None = None):
         step = -(-len(cols) // 24)  # at most 24 column labels
         ax.set_xticks(range(0, len(cols), step), [f"{int(c):,}" for c in cols[::step]],
                       rotation=90 if len(cols) > 12 else 0)
-        ax.set_yticks(range(len(rows)), rows)
+        ax.set_yticks(range(len(rows)), short_labels(rows))
         ax.set_xticks(np.arange(len(cols) + 1) - 0.5, minor=True)
         ax.set_yticks(np.arange(len(rows) + 1) - 0.5, minor=True)
         ax.grid(False)

@@ -4,7 +4,9 @@
 tagged ``parameters`` (papermill's convention), in a few kernels of the scenario's vLLM environment
 working in parallel (each resolves the scenario once, through :func:`scenario`), and writes one HTML
 page per notebook plus ``index.html``. Pages carry their figures, styles and widget controls inline
-and fetch nothing; strings are escaped and secret-looking values redacted.
+and fetch nothing; strings are escaped, secret-looking values redacted and this machine's own paths (the
+checkout, the Python environment, the home and temporary folders) replaced by placeholders. The kernels send
+Python warnings and library log lines to diaglib's log (diaglib.cache.root()/report.log), not into the pages.
 """
 from __future__ import annotations
 
@@ -103,12 +105,12 @@ def scenario(scenario: str | None = None, *, cmd: str | None = None, gpu: str | 
 
 
 def live_stores(version: str, root: Path | None = None) -> list[Path]:
-    """The live record stores (data/live/**/*.jsonl) with an engine started by vLLM ``version``: the
-    observations a notebook may put next to that version's predictions."""
+    """The live record stores (data/live/**/*.jsonl, or under $DIAGLIB_LIVE_DIR) with an engine started by vLLM
+    ``version``: the observations a notebook may put next to that version's predictions."""
     from ..live import store
     from ..paths import DATA
 
-    found = sorted(Path(root or DATA / "live").glob("**/*.jsonl"))
+    found = sorted(Path(root or os.environ.get("DIAGLIB_LIVE_DIR") or DATA / "live").glob("**/*.jsonl"))
     return [p for p in found if any(r.get("type") == "engine" and (r.get("info") or {}).get("vllm") == version
                                     for r in store.read(p))]
 
@@ -183,11 +185,39 @@ REDACTED = "[redacted]"
 
 
 def redact(text: str) -> str:
-    """``text`` with secret-looking values (tokens, keys, this environment's secret variables) replaced."""
+    """``text`` with secret-looking values (tokens, keys, this environment's secret variables) and this
+    machine's paths and host name replaced."""
     for name, value in os.environ.items():
         if SECRET_NAME.search(name) and len(value) >= 8:
             text = text.replace(value, REDACTED)
+    for pattern, placeholder in _machine_paths():
+        text = pattern.sub(placeholder, text)
     return scrub(text, REDACTED)
+
+
+@lru_cache(maxsize=1)
+def _machine_paths() -> tuple[tuple[re.Pattern, str], ...]:
+    """(pattern, placeholder) for the places of this machine a page must not show, longest first: the
+    checkout (paths inside it become relative), the Python environment and installation, the home and
+    temporary folders, the host name."""
+    import socket
+
+    places = {sys.prefix: "<python-env>", sys.exec_prefix: "<python-env>", sys.base_prefix: "<python>",
+              str(Path.home()): "~", tempfile.gettempdir(): "<tmp>", str(ROOT): "."}
+    out = []
+    for place, placeholder in sorted(places.items(), key=lambda kv: -len(kv[0])):
+        if len(place) < 2:
+            continue
+        if placeholder == ".":
+            out.append((re.compile(re.escape(place) + "/"), ""))
+        out.append((re.compile(re.escape(place) + r"(?![\w.-])"), placeholder))
+    host = socket.gethostname()
+    if len(host) >= 4 and host != "localhost":
+        out.append((re.compile(rf"\b{re.escape(host)}\b"), "<host>"))
+    return tuple(out)
+
+
+_BINARY = ("image/", "application/pdf")  # base64 data: never rewritten
 
 
 def _redact_nb(nb) -> None:
@@ -198,7 +228,8 @@ def _redact_nb(nb) -> None:
             return [walk(v) for v in x]
         if isinstance(x, dict):
             for k in list(x):
-                x[k] = walk(x[k])
+                if not (isinstance(k, str) and k.startswith(_BINARY)):
+                    x[k] = walk(x[k])
         return x
 
     for cell in nb.cells:
@@ -310,9 +341,48 @@ def _kernel_spec_dir(python: Path, tmp: Path) -> Path:
     d = tmp / "kernels" / KERNEL_NAME
     d.mkdir(parents=True)
     (d / "kernel.json").write_text(json.dumps({
-        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                 f"--IPKernelApp.exec_lines=import {__name__} as _diaglib_report",
+                 "--IPKernelApp.exec_lines=_diaglib_report.kernel_setup()",
+                 "--IPKernelApp.exec_lines=del _diaglib_report"],
         "display_name": f"diaglib ({python})", "language": "python"}))
     return d.parent
+
+
+def kernel_log() -> Path:
+    """Where a report's kernels send Python warnings and library log lines."""
+    from ..cache import root
+
+    return root() / "report.log"
+
+
+def kernel_setup() -> None:
+    """Run in every report kernel before its first cell: Python warnings go to :func:`kernel_log` (vLLM's
+    own log lines are sent there by the logging config the kernel's environment names), so no page shows
+    them."""
+    import logging
+
+    path = kernel_log()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s kernel {os.getpid()} %(name)s: %(message)s"))
+    logging.captureWarnings(True)
+    log = logging.getLogger("py.warnings")
+    log.handlers[:] = [handler]
+    log.propagate = False
+
+
+def _logging_config(tmp: Path) -> Path:
+    """A logging config for vLLM (VLLM_LOGGING_CONFIG_PATH, read by every supported release when it is first
+    imported): its log lines go to :func:`kernel_log` instead of the kernel's stdout, i.e. into no page."""
+    path = tmp / "vllm-logging.json"
+    kernel_log().parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": "%(asctime)s %(name)s %(levelname)s %(message)s"}},
+        "handlers": {"log": {"class": "logging.FileHandler", "filename": str(kernel_log()), "formatter": "plain"}},
+        "loggers": {"vllm": {"handlers": ["log"], "level": "INFO", "propagate": False}}}))
+    return path
 
 
 def _failure(nb_name: str, nb, exc: Exception) -> str:
@@ -335,13 +405,22 @@ async def _execute_all(paths: list[Path], params: dict, python: Path, jobs: int)
     queue: asyncio.Queue[Path] = asyncio.Queue()
     for p in paths:
         queue.put_nowait(p)
+    from .. import cache, progress
+
     pages: dict[Path, Page] = {}
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR",
-               PYDEVD_DISABLE_FILE_VALIDATION="1", JUPYTER_PLATFORM_DIRS="1")
+    env = dict(os.environ, PYDEVD_DISABLE_FILE_VALIDATION="1", JUPYTER_PLATFORM_DIRS="1", DIAGLIB_PROGRESS="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("VLLM_CONFIGURE_LOGGING", None)
+    prefix = cache.bytecode_prefix()
+    if prefix:  # the kernels import vLLM: keep its bytecode (see diaglib.cache.bytecode_prefix)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = prefix
+    bar = progress.bar(total=len(paths), desc="report", unit="page")
     reset = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
         "get_ipython().run_line_magic('reset', '-f')\nimport matplotlib.pyplot as _plt\n_plt.close('all')")])
 
     with tempfile.TemporaryDirectory(prefix="diaglib-kernels-") as tmp:
+        env["VLLM_LOGGING_CONFIG_PATH"] = str(_logging_config(Path(tmp)))
         ksm = KernelSpecManager(kernel_dirs=[str(_kernel_spec_dir(python, Path(tmp)))])
 
         async def worker(i: int) -> None:
@@ -373,11 +452,15 @@ async def _execute_all(paths: list[Path], params: dict, python: Path, jobs: int)
                         await run(copy.deepcopy(reset))
                     seconds = time.monotonic() - t0
                     pages[path] = Page(path.name, title, to_html(nb, title), seconds, error, summary, _slowest(nb))
+                    bar.update()
             finally:
                 kc.stop_channels()
                 await km.shutdown_kernel(now=True)
 
-        await asyncio.gather(*(worker(i) for i in range(max(1, min(jobs, len(paths))))))
+        try:
+            await asyncio.gather(*(worker(i) for i in range(max(1, min(jobs, len(paths))))))
+        finally:
+            bar.close()
     return [pages[p] for p in paths]
 
 
@@ -422,13 +505,21 @@ def build(scenario: str | None = None, *, out: str | Path = "reports", cmd: str 
     if not paths:
         raise DiagError(f"no notebooks under {source}")
     jobs = jobs or min(len(paths), os.cpu_count() or 1, 4)
+    out = Path(out)
+    try:  # before the work: a folder that cannot be made is known at once
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".diaglib-", delete=True)
+        probe.close()
+    except OSError as e:
+        raise DiagError(f"cannot write the report into {out}: {e.strerror or e}") from None
     t0 = time.monotonic()
     pages = asyncio.run(_execute_all(paths, params, python, jobs))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for page in pages:
-        (out / f"{Path(page.notebook).stem}.html").write_text(page.html)
-    (out / "index.html").write_text(index_html(pages, params, wanted_version(params), time.monotonic() - t0))
+    try:
+        for page in pages:
+            (out / f"{Path(page.notebook).stem}.html").write_text(page.html)
+        (out / "index.html").write_text(index_html(pages, params, wanted_version(params), time.monotonic() - t0))
+    except OSError as e:
+        raise DiagError(f"cannot write the report into {out}: {e.strerror or e}") from None
     failed = [p.error for p in pages if p.error]
     if failed:
         raise ReportError("; ".join(failed))

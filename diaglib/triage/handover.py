@@ -54,18 +54,19 @@ def target(data: bytes, explicit: str | None) -> tuple[str | None, str | None]:
     return rel, f"the log is from vLLM {facts.version}"
 
 
-def maybe(args, data: bytes) -> int | None:
-    """Run the same triage in the environment of the log's vLLM when it is not this one and exists here:
-    its exit status; None to answer here (with a note in the triage when the log's vLLM differs)."""
+def maybe(args, data: bytes, stdout=None, stderr=None) -> int | None:
+    """Run the same triage in the environment of the log's vLLM when it is not this one and exists here,
+    writing to ``stdout``/``stderr`` (default: this process's): its exit status; None to answer here (with a
+    note in the triage when the log's vLLM differs)."""
     rel, why = target(data, args.vllm)
     if rel is None:
         return None
-    argv = list(args.argv)
+    argv = list(args._argv)
     i = len(argv) - 1 - argv[::-1].index(args.log)
     argv[i] = "-"
     if args.label is None:
         argv += ["--label", Path(args.log).name if args.log != "-" else "stdin"]
-    print(f"diaglib: {why}: handing over to the vLLM {rel} environment", file=sys.stderr)
+    print(f"diaglib: {why}: handing over to the vLLM {rel} environment", file=stderr or sys.stderr, flush=True)
     env = dict(os.environ, **{ENV_MARK: "1"})
     return subprocess.run([str(compat.venv_python(rel)), "-m", "diaglib", *argv], input=data, env=env,
-                          check=False).returncode
+                          stdout=stdout, stderr=stderr, check=False).returncode
