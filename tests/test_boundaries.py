@@ -139,7 +139,9 @@ def test_cli_boundaries_bad_around_exits_2(scenario_name, capsys):
 
 def test_dense_model_boundaries_answer_without_moe_rows(dense):
     df = boundaries.boundaries(dense)
-    assert len(df) and not set(df["kind"]) & {"MoE config", "MoE kernel", "MoE chunking", "int32", "grid limit"}
+    assert len(df) and not set(df["kind"]) & {"MoE config", "MoE kernel", "MoE chunking"}
+    limits = df[df["kind"].isin(["int32", "grid limit"])]  # every kernel's limits: the census's rows only
+    assert len(limits) and set(limits["source"]) == {"vLLM forward (census)"}
     assert "classic_moe_overflow_tokens" not in boundaries.summary(dense, df)
     near = boundaries.around(dense, df=df)
     assert "moe_largest" not in near.columns

@@ -107,6 +107,10 @@ def test_moe_tensors_are_the_ones_moe_buffers_sizes(zoo):
         pytest.skip("no MoE layers")
     name = first[0][0]
     for n in (1024, 8192):
+        ops = census.ops(zoo, census.prefill(n))
+        opaque = ops[ops["module"].str.startswith(name) & ops["note"].fillna("").str.startswith("inner kernels not")]
+        if len(opaque):  # the census says why it could not look inside (e.g. a FlashInfer JIT module)
+            pytest.skip(f"{opaque.iloc[0]['op']}: {opaque.iloc[0]['note'][:160]}")
         tt = census.tensors(zoo, census.prefill(n))
         mine = tt[tt["module"].str.startswith(name)]
         have = set(zip(mine["shape"], mine["dtype"]))

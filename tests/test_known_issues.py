@@ -76,10 +76,19 @@ def test_bad_catalog_is_one_clear_error(tmp_path, monkeypatch):
 
 
 def test_dense_model_gets_no_moe_classes_said_once(dense):
+    """MoE-only classes say so once; the classes the census answers for every kernel name the dense model's
+    own first int32 crossing (an op of its MLP, not of an MoE layer)."""
+    from diaglib.predict import census
+
     m = known_issues.match(dense).set_index("id")
-    for cid in ("moe-triton-int32-offset", "int32-token-offset", "moe-chunking-inductor", "fp8-block-tp-alignment",
-                "profile-run-at-budget", "moe-grid-limit"):
+    for cid in ("moe-triton-int32-offset", "moe-chunking-inductor", "fp8-block-tp-alignment"):
         assert m.loc[cid, "why"] == "the model has no MoE layers" and not m.loc[cid, "applies"], cid
+    th = census.thresholds(dense)
+    th = th[th["tokens"].notna() & (th["tokens"] > 1) & ~th["role"].str.startswith("grid.")]
+    first = th.sort_values("tokens", kind="stable").iloc[0]
+    why = m.loc["int32-token-offset", "why"]
+    assert f"{int(first['tokens']):,} tokens" in why and first["module"] in why and "moe" not in why.lower()
+    assert not m.loc["int32-token-offset", "applies"]  # 1024-token budget, far below the crossing
     assert m.loc["exactly-at-budget", "applies"]  # the non-MoE classes still answer
 
 

@@ -58,6 +58,7 @@ from .forward import (
     common_metadata,
     compute_logits,
     custom_ops,
+    deep_gemm_scale_layout,
     device_view,
     dummy_batch,
     dummy_sampling_metadata,

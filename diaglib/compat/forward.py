@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import inspect
 
 from .detect import first, has, takes
@@ -349,3 +350,33 @@ def splitting_ops(vllm_config) -> set[str]:
     spells them ``vllm.unified_attention_with_output``)."""
     ops = vllm_config.compilation_config.splitting_ops or []
     return {s if "::" in s else s.replace(".", "::", 1) for s in ops}
+
+
+@contextlib.contextmanager
+def deep_gemm_scale_layout(state_notes: list):
+    """Where vLLM found DeepGEMM (its vendored copy) but DeepGEMM cannot load on this host, vLLM's weight
+    post-processing still asks it for the scale-factor layout (``transform_sf_into_required_layout``): the scales
+    pass through unchanged meanwhile (weight side only, no token dimension), and a note says so."""
+    try:
+        mod = importlib.import_module("vllm.utils.deep_gemm")
+    except ImportError:
+        mod = None
+    name = "_transform_sf_into_required_layout_impl"
+    loadable = getattr(mod, "_import_deep_gemm", None)
+    if mod is None or not hasattr(mod, name) or getattr(mod, name) is not None or loadable is None \
+            or loadable() is not None:
+        yield
+        return
+
+    def passthrough(sf, *args, **kwargs):
+        if not state_notes or "DeepGEMM" not in state_notes[-1]:
+            state_notes.append("DeepGEMM cannot load here: its weight-scale layout transform passed the scales "
+                               "through unchanged")
+        return sf
+
+    setattr(mod, name, passthrough)
+    try:
+        yield
+    finally:
+        setattr(mod, name, None)
+

@@ -20,9 +20,10 @@ The only fakes are the census's own, switched on for a pass and off after it:
 - Triton launches record their grid (the launcher's own) and are not launched (an autotuned kernel takes the
   first of its pruned configs instead of a benchmark, and says so); device housekeeping
   (``empty_cache``, ``synchronize``) does nothing; FlashInfer's JIT builds are switched off (its own
-  FLASHINFER_DISABLE_JIT: what it would compile is reported as not traced); the stand-in groups' collectives are
-  recorded
-  (``collective::*``) with the tensor they yield on rank 0 (:class:`_Collectives`).
+  FLASHINFER_DISABLE_JIT: what it would compile is reported as not traced); where vLLM's DeepGEMM cannot load on
+  this host, its weight-scale layout transform passes the scales through (compat.deep_gemm_scale_layout, noted);
+  the stand-in groups' collectives are recorded (``collective::*``) with the tensor they yield on rank 0
+  (:class:`_Collectives`).
 """
 from __future__ import annotations
 
@@ -683,7 +684,7 @@ def prepare(sc: Scenario) -> _Prepared:
     state = _State()
     notes = []
     try:
-        with _env(sc, cfg, state):
+        with _env(sc, cfg, state), compat.deep_gemm_scale_layout(notes):
             process_weights_after_loading(model, cfg.model_config, torch.device("meta"))
     except Exception as e:  # noqa: BLE001
         raise DiagError(f"the census cannot run vLLM's process_weights_after_loading on meta weights here "
@@ -821,22 +822,20 @@ def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list,
 
 
 def _dispatched(sc: Scenario, step: Step, notes: list):
-    """(padded tokens, CUDA-graph mode name, vLLM's mode, batch descriptor) the runner uses for this step."""
+    """(padded tokens, CUDA-graph mode name, vLLM's mode) the runner uses for this step."""
     from vllm.config import CUDAGraphMode
 
     mnbt = sc.vllm_config.scheduler_config.max_num_batched_tokens
     if step.kind == "profile" or step.tokens > mnbt:  # the profile run forces eager; beyond the budget: no graph
-        return step.tokens, "NONE", CUDAGraphMode.NONE, None
+        return step.tokens, "NONE", CUDAGraphMode.NONE
     from . import dispatch as D
 
     try:
-        disp, _ = D.dispatcher(sc)
-        padded, mode, _, desc = compat.dispatch_batch(disp, sc.vllm_config, step.tokens, step.reqs,
-                                                      max(step.query))
+        d = D.dispatch(sc, step.tokens, num_reqs=step.reqs, max_query_len=max(step.query))
     except Exception as e:  # noqa: BLE001 - the pass still runs, unpadded, and says so
         notes.append(f"CUDA-graph dispatch not answered here ({_why(e)}): the pass runs unpadded")
-        return step.tokens, "unknown", CUDAGraphMode.NONE, None
-    return int(padded), mode.name, mode, desc
+        return step.tokens, "unknown", CUDAGraphMode.NONE
+    return int(d["padded_tokens"]), d["cudagraph_mode"], CUDAGraphMode[d["cudagraph_mode"]]
 
 
 def _rename(module: str, rep: int, i: int) -> str:
@@ -887,7 +886,7 @@ def record(sc: Scenario, step: Step) -> Pass:
     p = prepare(sc)
     t0 = time.perf_counter()
     state, notes, stopped = _State(), list(p.notes), None
-    padded, mode_name, mode, desc = _dispatched(sc, step, notes)
+    padded, mode_name, mode = _dispatched(sc, step, notes)
     try:
         # At serving time torch's default device is the host (meta only while the model is built).
         with torch.inference_mode(), _env(sc, p.cfg, state, p.model), torch.device("cpu"), compat.eager(p.model), \
@@ -895,7 +894,7 @@ def record(sc: Scenario, step: Step) -> Pass:
             inputs = _runner_inputs(p)
             md, slots = _attention(p, step, padded, inputs, notes, state.tracebacks)
             state.phase = "model"
-            with compat.forward_context(p.cfg, md, padded, mode, desc, slots):
+            with compat.forward_context(p.cfg, md, padded, mode, None, slots):
                 hidden = p.model(input_ids=_rows(inputs["input_ids"], padded),
                                  positions=_rows(inputs["positions"], padded))
             if isinstance(hidden, tuple):
