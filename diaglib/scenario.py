@@ -253,6 +253,16 @@ def resolve_model_dir(tag: str | None, models: dict[str, str]) -> Path:
     return d.resolve()
 
 
+def _forget_env_writes() -> None:
+    """vLLM's config resolution sometimes sets a VLLM_* value on vllm.envs itself (e.g. the MLA backend it picks
+    for Blackwell), which in a server lasts the process; here each resolution starts from the environment."""
+    import vllm.envs as envs
+
+    names = getattr(envs, "environment_variables", {})
+    for name in [k for k in vars(envs) if k in names]:
+        delattr(envs, name)
+
+
 def create_config(args: argparse.Namespace, gpu: GpuSpec):
     """vLLM's EngineArgs and resolved VllmConfig, as `vllm serve` builds them."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -268,6 +278,7 @@ def create_config(args: argparse.Namespace, gpu: GpuSpec):
     if tp * pp * dp_local > gpu.count:
         raise DiagError(f"TP {tp} x PP {pp} x DP {dp_local} needs {tp * pp * dp_local} GPUs, "
                         f"but the scenario has {gpu.count} x {gpu.name}")
+    _forget_env_writes()
     try:
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)

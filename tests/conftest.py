@@ -53,9 +53,37 @@ def scenario_name() -> str:
     return "default"
 
 
+_SEED: dict = {}
+
+
 @pytest.fixture(scope="session")
 def scenario(scenario_name):
     """The seed scenario resolved by the installed vLLM (what-if H20 x 8 without a GPU)."""
     from diaglib.scenario import load
 
-    return load(scenario_name)
+    _SEED["scenario"] = load(scenario_name)
+    return _SEED["scenario"]
+
+
+def _seed_gpu_back() -> None:
+    """The seed's what-if GPU impersonated again where an earlier test (in any order) switched to another."""
+    from diaglib import whatif
+
+    sc = _SEED.get("scenario")
+    if sc is not None and sc.simulated and whatif.active_gpu() not in (None, sc.gpu):
+        whatif.activate(sc.gpu)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seed_gpu_per_module(request):
+    """The seed resolved before any module's own fixtures: vLLM is imported under the seed's GPU whatever the
+    test order (some of vLLM's module-level values keep the GPU they were first computed for)."""
+    if compat.installed():
+        request.getfixturevalue("scenario")
+    _seed_gpu_back()
+
+
+@pytest.fixture(autouse=True)
+def _seed_gpu_per_test(request):
+    if "scenario" in request.fixturenames:
+        _seed_gpu_back()

@@ -216,7 +216,8 @@ def test_moving_from_h100_to_b200_lists_what_vllm_changes(zoo):
             assert df.loc[row, sc.gpu.name].startswith(architecture.backend_label(kind))
     ka, kb = (architecture.attention_kinds(sc)[0]["backend"] for sc in (a, b))
     row = next(k for k in df.index if k.startswith("attention:"))
-    assert df.loc[row, "changed"] == (ka != kb)
+    assert df.loc[row, "changed"] == (df.loc[row, a.gpu.name] != df.loc[row, b.gpu.name])
+    assert ka == kb or df.loc[row, "changed"]
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -246,8 +247,8 @@ def test_a_block_that_does_not_divide_a_rank_is_one_line_with_the_tp_vllm_builds
     with pytest.raises(layers.BuildRefused) as e:
         layers.build_model(sc)
     msg = str(e.value)
-    assert "\n" not in msg and "model.layers.0.mlp.experts" in msg and "TP 4" in msg
-    assert "192" in msg and "128" in msg and "builds it at TP 2" in msg
+    assert "\n" not in msg and "model.layers.0." in msg and "TP 4" in msg
+    assert "128" in msg and "builds it at TP 2" in msg  # the block size, and the TP vLLM does build
     layers.build_model(sc.derive("-tp", "2"))  # what the message promises, asked of vLLM again
     if "--enable-expert-parallel" in msg and "it builds" in msg:
         layers.build_model(sc.derive("--enable-expert-parallel"))

@@ -157,6 +157,8 @@ def target(draw, world) -> list[str]:
     kind = draw(st.sampled_from(["name", "file", "cmd", "cmd"]))
     if kind == "name":
         args = [draw(st.sampled_from(["default", "rehearsal", "no-such-scenario"]))]
+        if args[0] == "rehearsal":  # it pins the reference vLLM: answered here all the same
+            args += ["--vllm", compat.installed()]
     elif kind == "file":
         args = [str(draw(scenario_file(world)))]
     else:

@@ -154,7 +154,7 @@ def new_model(sc: Scenario, vllm_config=None):
             model = initialize_model(vllm_config=cfg)
         own = {n: getattr(cc, n) for n in registries}
     except _REFUSALS as e:
-        raise BuildRefused(_explain_refusal(sc, e)) from None
+        raise BuildRefused(" ".join(_explain_refusal(sc, e).split())) from None  # one line
     finally:
         _building = outer
         for n in registries:

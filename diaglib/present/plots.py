@@ -538,7 +538,7 @@ def census_headroom(th, *, budget: int, top: int = 8, horizon: int = 1 << 24):
     fig, ax = figure(height=4.4)
     rows = th[~th["role"].str.startswith("grid.") & (th["slope"] > 0)]
     ns = np.logspace(np.log2(max(budget // 64, 1)), np.log2(horizon), 200, base=2)
-    ranked = rows.assign(t=rows["tokens"].fillna(np.inf).astype(float)).sort_values(["t", "slope"],
+    ranked = rows.assign(t=rows["tokens"].astype(float).fillna(np.inf)).sort_values(["t", "slope"],
                                                                                     ascending=[True, False])
     firsts = ranked.drop_duplicates(["slope", "const"]).head(top)
     for r in ranked.drop_duplicates(["slope", "const"]).itertuples():
