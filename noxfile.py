@@ -43,8 +43,10 @@ def envs(session):
 @nox.session(requires=["envs"])
 @nox.parametrize("vllm", CI)
 def tests(session, vllm):
-    """The full test suite under one CI release. pytest's "no tests ran" (exit 5) fails the session."""
-    session.run(_python(vllm), "-m", "pytest", "-q", *session.posargs, external=True)
+    """The full test suite under one CI release, on two workers (pytest-xdist; each test file stays on one, so
+    its module fixtures are built once). pytest's "no tests ran" (exit 5) fails the session."""
+    session.run(_python(vllm), "-m", "pytest", "-q", "-n", "2", "--dist", "loadfile", *session.posargs,
+                external=True)
 
 
 @nox.session

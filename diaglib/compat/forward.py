@@ -13,7 +13,8 @@ import functools
 import importlib
 import inspect
 
-from .detect import first, has, takes
+from .detect import VllmApiMissing, first, has, takes
+from .releases import installed
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -118,7 +119,12 @@ def layer_kv_spec(layer, cfg):
 def layer_backend(layer):
     """The attention backend class the layer runs."""
     fn = getattr(layer, "get_attn_backend", None)
-    return fn() if fn is not None else layer.attn_backend
+    if fn is not None:
+        return fn()
+    if isinstance(getattr(layer, "attn_backend", None), type):
+        return layer.attn_backend
+    raise VllmApiMissing(f"vLLM {installed()}'s {type(layer).__name__} layer keeps no backend class "
+                         "(no get_attn_backend, no attn_backend): the census needs it")
 
 
 def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):
