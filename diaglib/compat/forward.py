@@ -178,6 +178,11 @@ def bind_kv_cache(layer, kv_cache):
     """Give an attention layer its KV cache as bind_kv_cache does (the layer's own bind_kv_cache where it has
     one; else a tensor, or one per virtual engine)."""
     if hasattr(layer, "bind_kv_cache"):
+        if isinstance(kv_cache, list):  # state views: the layer unpacks its raw [blocks, 1, 1, page bytes] itself
+            import torch
+
+            page = sum(t[0].numel() * t.element_size() for t in kv_cache)
+            kv_cache = torch.empty((kv_cache[0].shape[0], 1, 1, page), dtype=torch.int8, device="meta")
         layer.bind_kv_cache(kv_cache)
     elif isinstance(getattr(layer, "kv_cache", None), list):
         layer.kv_cache = [kv_cache] * max(len(layer.kv_cache), 1)
