@@ -830,13 +830,12 @@ def _dispatched(sc: Scenario, step: Step, notes: list):
     from . import dispatch as D
 
     try:
-        disp, _ = D.dispatcher(sc)
-        padded, mode, _, desc = compat.dispatch_batch(disp, sc.vllm_config, step.tokens, step.reqs,
-                                                      max(step.query))
+        padded, name, _, _ = compat.dispatch_batch(D.dispatcher(sc), step.tokens, step.reqs, max(step.query))
+        mode = CUDAGraphMode[name]
     except Exception as e:  # noqa: BLE001 - the pass still runs, unpadded, and says so
         notes.append(f"CUDA-graph dispatch not answered here ({_why(e)}): the pass runs unpadded")
         return step.tokens, "unknown", CUDAGraphMode.NONE, None
-    return int(padded), mode.name, mode, desc
+    return int(padded), name, mode, None  # the pass runs eagerly: no graph is looked up by its descriptor
 
 
 def _rename(module: str, rep: int, i: int) -> str:
