@@ -122,5 +122,5 @@ def test_match_says_when_a_grid_differs(launches):
     g = obs.at[at, "grid"]
     obs.at[at, "grid"] = (g[0] + 1, *g[1:])
     k, _ = kernels.match(obs, launches)
-    assert k.at[at, "grid_equal"] is False or k.at[at, "grid_equal"] == False  # noqa: E712 - pandas object column
+    assert k.at[at, "grid_equal"] is False or k.at[at, "grid_equal"] == False
     assert k.grid_equal.dropna().sum() == k.grid_equal.notna().sum() - 1

@@ -167,8 +167,8 @@ class VllmEngine:
             "gpu_name": torch.cuda.get_device_name(), "vocab": self.vocab,
             "compilation": compat.compilation_summary(c), "scheduler": compat.scheduler_summary(c),
             "cache": compat.cache_summary(c), "num_gpu_blocks": c.cache_config.num_gpu_blocks,
-            "moe": _moe_classes(runner.get_model()), "attention": _attention_backends(c),
-            "linear_methods": method_rows(runner.get_model()), "free_gib": free / observe.GiB,
+            "moe": _moe_classes(runner.get_model()), "attention": _observed(_attention_backends, c),
+            "linear_methods": _observed(method_rows, runner.get_model()), "free_gib": free / observe.GiB,
             "total_gib": total / observe.GiB, "memory": observe.memory_summary(),
         }
 
@@ -215,8 +215,11 @@ class VllmEngine:
         result = {"status": "ok", "steps": rec["steps"], "forwards": rec["forwards"], "output_tokens": out_tokens,
                   "probe_s": round(time.monotonic() - rec["t0"], 4)}
         if prof is not None:
-            result["kernels"], result["kernel_steps"] = _kernel_rows(prof)
             result["runner_steps"] = rec["runner_steps"]
+            try:
+                result["kernels"], result["kernel_steps"] = _kernel_rows(prof)
+            except Exception as e:  # noqa: BLE001 - the probe ran; a trace that won't parse must not end the engine
+                result["kernel_error"] = f"{type(e).__name__}: {e}"[:500]
         return result
 
 
@@ -275,6 +278,14 @@ def _marked(cm, what: str):
 
     with torch.profiler.record_function(kernels.MARK + what), cm as value:
         yield value
+
+
+def _observed(fn, *args):
+    """``fn(*args)``, or a one-element list saying why not (an observation never stops the engine)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return [{"error": f"{type(e).__name__}: {e}"[:300]}]
 
 
 def _attention_backends(cfg) -> list[dict]:

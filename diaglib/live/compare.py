@@ -239,7 +239,7 @@ def predicted_summary(command: str, gpu: str, env: dict) -> dict:
     base.update({k: v for k, v in env.items() if k.startswith("VLLM_") and k not in _CHILD_ENV})
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     p = subprocess.run([sys.executable, "-m", "diaglib", "show", "--cmd", command, "--gpu", gpu, "--gpu-count", "1",
-                        "--json"], capture_output=True, text=True, env=base, cwd=str(ROOT))
+                        "--json"], capture_output=True, text=True, env=base, cwd=str(ROOT), check=False)
     if p.returncode:
         raise DiagError(f"diaglib show failed for {command}: {(p.stderr or p.stdout).strip()[-300:]}")
     return json.loads(p.stdout)
@@ -263,8 +263,8 @@ def engine_config(path: str | Path, run: str | None = None) -> pd.DataFrame:
             seen[key] = predicted_summary(command, gpu, env)
         s = seen[key]
 
-        def add(item, predicted, observed):
-            rows.append({"run": eng["run"], "engine_id": eid, "item": item, "predicted": predicted,
+        def add(item, predicted, observed, run=eng["run"], eid=eid):
+            rows.append({"run": run, "engine_id": eid, "item": item, "predicted": predicted,
                          "observed": observed, "match": predicted == observed})
 
         for part in ("compilation", "scheduler", "cache"):

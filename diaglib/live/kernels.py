@@ -34,7 +34,7 @@ COLUMNS = ["step", "kind", "phase", "seq", "name", "grid", "block", "dur_us"]
 _CENSUS_GROUP = {"setup": "setup", "model": "model", "logits": "sampling", "sampler": "sampling"}
 _OBSERVED_GROUP = {"prepare": "setup", "forward": "model", "post": "sampling", "sample": "sampling"}
 # kernels of PyTorch's own library, cuBLAS and CUB: what an eager torch op launches
-_ATEN = re.compile(r"at::native::|at_cuda_detail|\bcub::|gemm|nvjet|xmma|cublas", re.I)
+_ATEN = re.compile(r"at::native::|at_cuda_detail|\bcub::|gemm|nvjet|xmma|cublas", re.IGNORECASE)
 
 
 # --- the trace -----------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _score(pred: pd.DataFrame, obs: pd.DataFrame) -> np.ndarray:
     keys = list(dict.fromkeys(zip(pred["match"], pred["runs_as"])))
     base = np.zeros((len(keys), len(names)), dtype=np.uint8)
     for a, (pattern, runs_as) in enumerate(keys):
-        rx = re.compile(pattern, re.I)
+        rx = re.compile(pattern, re.IGNORECASE)
         tier = _tier(runs_as, pattern)
         for b, name in enumerate(names):
             if rx.search(name):

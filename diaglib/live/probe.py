@@ -358,6 +358,7 @@ def _record_probe(store_path, run_name, lane, probe, out, report, tl, *, started
         "steps": report.get("steps"), "forwards": report.get("forwards"), "output_tokens": report.get("output_tokens"),
         "memory": report.get("memory"), "memory_snapshot": report.get("memory_snapshot"),
         "kernels": report.get("kernels"), "kernel_file": kernel_file, "runner_steps": report.get("runner_steps"),
+        "kernel_error": report.get("kernel_error"),
         "child_error": scrub(report.get("message", ""))[:500] or None,
         "nvml": tl.downsampled() if tl is not None else None,
     })

@@ -30,7 +30,7 @@ MODELS = {"zai-org/GLM-4.6-FP8": str(DATA / "models" / "GLM-4.6-FP8"),
           "meta-llama/Llama-3.1-8B-Instruct": str(DATA / "models" / "Llama-3.1-8B-Instruct")}
 GLM = "vllm serve zai-org/GLM-4.6-FP8 --enable-chunked-prefill --max-num-batched-tokens 8192 -tp 8"
 DEEPSEEK = "vllm serve deepseek-ai/DeepSeek-R1 -tp 8 --max-num-batched-tokens 8192"
-DECODE = dict(lengths=[128] * 32, max_tokens=3)
+DECODE = {"lengths": [128] * 32, "max_tokens": 3}
 
 # (run, serve command, probes, what the boundary map / census predicts there)
 HUNT = [
@@ -40,12 +40,12 @@ HUNT = [
     ("hunt-llama-int32", "vllm serve meta-llama/Llama-3.1-8B-Instruct --max-num-batched-tokens 131072",
      [74898, 74899, 131071],
      "census int32: gate_up_proj out [N x 28672] (cuBLAS) and Inductor's silu over it pass INT32_MAX from 74,899"),
-    ("hunt-full-graph", "vllm serve meta-llama/Llama-3.1-8B-Instruct --max-model-len 256 --max-num-seqs 256 "
-                        "-cc.cudagraph_mode=FULL",
+    ("hunt-full-graph", ("vllm serve meta-llama/Llama-3.1-8B-Instruct --max-model-len 256 --max-num-seqs 256 "
+                         "-cc.cudagraph_mode=FULL"),
      [],
      "FULL graphs up to 512 tokens > max_model_len 256: captured with seq_lens 512 over 16-block block-table rows"),
 ]
-HUNT_BATCHES = {"hunt-full-graph": [dict(lengths=[255, 255], max_tokens=1), dict(lengths=[2] * 200, max_tokens=2)]}
+HUNT_BATCHES = {"hunt-full-graph": [{"lengths": [255, 255], "max_tokens": 1}, {"lengths": [2] * 200, "max_tokens": 2}]}
 
 
 def _glm_probes() -> list:
