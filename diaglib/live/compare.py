@@ -273,10 +273,11 @@ def engine_config(path: str | Path, run: str | None = None) -> pd.DataFrame:
         fields = ("layer", "backend", "layers", "flash_attn_version")
         add("attention", [{f: a.get(f) for f in fields} for a in s["architecture"]["attention"]],
             [{f: a.get(f) for f in fields} for a in info.get("attention", [])])
-        moe = info.get("moe") or {}
-        if moe or s["moe"].get("method"):
-            add("moe.method", s["moe"].get("method"), moe.get("quant_method"))
-            add("moe.experts", s["moe"].get("experts"),
+        moe, pmoe = info.get("moe") or {}, s.get("moe") or {}
+        if moe or pmoe.get("method"):
+            add("moe.method", pmoe.get("method"), moe.get("quant_method"))
+            experts = pmoe.get("experts")  # "Wrapper -> the kernel it picks at the budget": the class is the wrapper
+            add("moe.experts", experts.split(" -> ")[0] if experts else experts,
                 next((v for k, v in moe.items() if k.endswith(".fused_experts")), None))
         fields = ("method", "kernels", "layers")
         add("linear_methods", [{f: m[f] for f in fields} for m in s["architecture"]["linear_methods"]],

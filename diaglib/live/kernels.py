@@ -11,7 +11,8 @@ The census (diaglib.predict.census.launches) predicts, for the same requests (to
 every kernel in launch order with a kernel-name pattern and, where it knows one, the grid. The two orders are
 aligned per phase (setup / model / sampling) by a weighted longest common subsequence: a kernel pairs only with an
 op whose pattern it matches, a Triton kernel's own name or a custom kernel's name counting more than Inductor's
-``triton_*`` or an ATen kernel for an eager torch op, an equal grid more again. Unpaired kernels are the ones the
+``triton_*`` or an ATen kernel for an eager torch op, an equal grid more again; a kernel next to one paired with
+an op, matching that op's pattern, is that op's too (an op may launch several). Unpaired kernels are the ones the
 census did not foresee; unpaired ops are predicted kernels that did not run (an Inductor op whose fusion group got
 a kernel counts as fused, not missing).
 """
@@ -228,8 +229,18 @@ def match(observed: pd.DataFrame, predicted: pd.DataFrame) -> tuple[pd.DataFrame
     for group in ("setup", "model", "sampling"):
         o, p = obs.index[obs["group"] == group], pred.index[pred["group"] == group]
         if len(o) and len(p):
-            for i, j in _align(_score(pred.loc[p], obs.loc[o])):
+            score = _score(pred.loc[p], obs.loc[o])
+            pairs = _align(score)
+            for i, j in pairs:
                 paired[int(o[j])] = int(p[i])
+            # an op may launch several kernels: one its pattern matches, next to a kernel paired with it
+            at = {j: i for i, j in pairs}
+            for order in (range(1, len(o)), range(len(o) - 2, -1, -1)):
+                for j in order:
+                    near = j - 1 if order.step > 0 else j + 1
+                    if j not in at and near in at and score[at[near], j]:
+                        at[j] = at[near]
+                        paired[int(o[j])] = int(p[at[j]])
     # a kernel Inductor generated stands for its whole fusion group: named by the group's first op and its ops
     first, ops = {}, {}
     for i in pred.index[pred["runs_as"] == "inductor"]:
@@ -271,15 +282,29 @@ def profiled(store_path: str | Path, run: str | None = None) -> list[dict]:
             and (run is None or r["run"] == run)]
 
 
-def _scenario_of(store_path: Path, record: dict):
-    from . import compare, store
+def _engine_of(store_path: Path, record: dict) -> dict:
+    from . import store
 
     eng = next((e for e in store.read(store_path) if e.get("type") == "engine" and e.get("outcome") == "ok"
                 and e["run"] == record["run"] and e["engine_id"] == record["engine_id"]), None)
     if eng is None:
         raise DiagError(f"no engine record for {record['run']}/{record['key']} in {store_path}")
+    return eng
+
+
+def _settings(eng: dict) -> dict:
+    """The VLLM_* settings the engine ran with that decide what it builds (not how the probe child runs it)."""
+    from .compare import _CHILD_ENV
+
+    return {k: v for k, v in (eng.get("env") or {}).items() if k.startswith("VLLM_") and k not in _CHILD_ENV}
+
+
+def _scenario_of(store_path: Path, eng: dict):
+    from ..scenario import load
+    from .compare import local_command
+
     gpu = (eng.get("info") or {}).get("gpu_name", "NVIDIA H200")
-    return compare._scenario(compare.local_command(eng["spec"], store_path.parent), gpu)
+    return load(cmd=local_command(eng["spec"], store_path.parent), gpu=gpu, gpu_count=1)
 
 
 def compare(store_path: str | Path, run: str | None = None, key: str | None = None,
@@ -291,21 +316,20 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
     observed_mode and observed_tokens (the forward pass as recorded), kernels, foreseen, unforeseen, predicted,
     paired (predicted ops a kernel paired with), fused, not_launched, grids_predicted, grids_equal, gpu_us.
     ``kernels`` / ``missing``: :func:`match`'s tables of every step, with run, key and step."""
-    from ..predict import census
+    from .. import compat
 
     store_path = Path(store_path)
     rows, ks, ms = [], [], []
     for r in profiled(store_path, run):
         if key is not None and r["key"] != key:
             continue
-        sc = _scenario_of(store_path, r)
+        eng = _engine_of(store_path, r)
+        with compat.vllm_env(_settings(eng)):  # the census under the settings the engine ran with
+            predicted = _predicted(store_path, eng, r, steps)
         table = read(store_path.parent / r["kernel_file"])
         forwards = [f for f in r.get("forwards") or []]
-        for i, step in census_steps(r, sc):
-            if steps is not None and i not in steps:
-                continue
+        for i, step, p, lk in predicted:
             obs = table[table["step"] == i]
-            p, lk = census.record(sc, step), census.launches(sc, step)
             k, m = match(obs, lk)
             f = forwards[i] if step.kind != "profile" and i < len(forwards) else {}
             checked = k["grid_equal"].dropna()
@@ -323,6 +347,15 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
         raise DiagError(f"no profiled probe with a kernel table in {store_path}"
                         + (f" for run {run!r}" if run else "") + (f" key {key!r}" if key else ""))
     return pd.DataFrame(rows), pd.concat(ks, ignore_index=True), pd.concat(ms, ignore_index=True)
+
+
+def _predicted(store_path: Path, eng: dict, record: dict, steps: list[int] | None) -> list[tuple]:
+    """(step, census Step, Pass, launches) for the record's profiled steps."""
+    from ..predict import census
+
+    sc = _scenario_of(store_path, eng)
+    return [(i, step, census.record(sc, step), census.launches(sc, step)) for i, step in census_steps(record, sc)
+            if steps is None or i in steps]
 
 
 def unforeseen(kernels: pd.DataFrame) -> pd.DataFrame:
