@@ -18,6 +18,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.forward`: one forward pass outside the engine (forward context, attention metadata, dummy run)
 - :mod:`.switches`: kill-switch spellings
 - :mod:`.speculative`: the MTP draft of a checkpoint
+- :mod:`.envs`: vLLM's VLLM_* settings for one answer
 - :mod:`.logs`: vLLM's log formatter and the calls behind the log lines diaglib triage reads
 """
 from .attention import (
@@ -50,6 +51,7 @@ from .cudagraphs import (
     uniform_decode_query_len,
 )
 from .detect import VllmApiMissing
+from .envs import vllm_env
 from .forward import (
     attention_layers,
     bind_kv_cache,

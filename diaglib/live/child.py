@@ -21,7 +21,7 @@ import traceback
 import zlib
 from pathlib import Path
 
-from . import observe, planted
+from . import kernels, observe, planted
 
 _REQ = re.compile(r"^r(\d+)")
 
@@ -79,8 +79,11 @@ class VllmEngine:
         self.dirty = False
         self.plant: dict | None = None  # a planted fault to launch inside the forward pass
         self.graphs_on = getattr(self.vllm_config.compilation_config.cudagraph_mode, "name", "NONE") != "NONE"
+        self.runner = self.engine.model_executor.driver_worker.worker.model_runner
+        self.marking = False  # while a probe is profiled: mark the runner's steps in the trace
         self._watch_scheduler()
         self._watch_forwards()
+        self._watch_runner()
 
     def _watch_scheduler(self) -> None:
         sched = self.core.scheduler
@@ -122,14 +125,39 @@ class VllmEngine:
                     p = self.plant
                     if p and self.graphs_on and kw.get("num_tokens") == int(p["tokens"]):
                         planted.oob_write(int(p["tokens"]), int(p["tokens"]), sync=False)
+                if self.marking:
+                    return _marked(_orig(*a, **kw), "forward")
                 return _orig(*a, **kw)
 
             mod.set_forward_context = wrapped
+
+    def _watch_runner(self) -> None:
+        """Mark, in a profiled probe's trace, each step of the model runner (execute_model, or the profile run's
+        dummy run) and its sampler, and record what each step scheduled (diaglib.live.kernels reads both)."""
+        r = self.runner
+
+        def marked(fn, what: str, step: str | None = None):
+            def wrapper(*a, **kw):
+                if not self.marking:
+                    return fn(*a, **kw)
+                if step is None:
+                    return _call_marked(fn, what, a, kw)
+                n = len(self.rec["runner_steps"])
+                self.rec["runner_steps"].append(_runner_step(step, a, kw, self.vllm_config))
+                return _call_marked(fn, f"step {n} {step}", a, kw)
+
+            return wrapper
+
+        r.execute_model = marked(r.execute_model, "execute", "execute")
+        r.sample_tokens = marked(r.sample_tokens, "sample")
+        r._dummy_run = marked(r._dummy_run, "dummy", "profile")
+        r._dummy_sampler_run = marked(r._dummy_sampler_run, "sample")
 
     def info(self) -> dict:
         import torch
 
         from .. import compat
+        from ..predict.architecture import method_rows
 
         c = self.vllm_config
         free, total = torch.cuda.mem_get_info()
@@ -139,8 +167,9 @@ class VllmEngine:
             "gpu_name": torch.cuda.get_device_name(), "vocab": self.vocab,
             "compilation": compat.compilation_summary(c), "scheduler": compat.scheduler_summary(c),
             "cache": compat.cache_summary(c), "num_gpu_blocks": c.cache_config.num_gpu_blocks,
-            "moe": _moe_classes(runner.get_model()), "free_gib": free / observe.GiB, "total_gib": total / observe.GiB,
-            "memory": observe.memory_summary(),
+            "moe": _moe_classes(runner.get_model()), "attention": _observed(_attention_backends, c),
+            "linear_methods": _observed(method_rows, runner.get_model()), "free_gib": free / observe.GiB,
+            "total_gib": total / observe.GiB, "memory": observe.memory_summary(),
         }
 
     def run(self, probe: dict) -> dict:
@@ -160,11 +189,14 @@ class VllmEngine:
         torch.cuda.reset_peak_memory_stats()
         p = probe.get("planted")
         self.plant = p if p and p["fault"] == "oob_in_forward" else None
-        self.rec = rec = {"steps": [], "forwards": [], "t0": time.monotonic()}
-        self.dirty = bool(prompts) or bool(probe.get("planted"))
+        self.rec = rec = {"steps": [], "forwards": [], "runner_steps": [], "t0": time.monotonic()}
+        self.dirty = bool(prompts) or bool(probe.get("planted")) or bool(probe.get("profile_run"))
         out_tokens = 0
         with _profiled(probe.get("profile")) as prof:
+            self.marking = prof is not None
             try:
+                if probe.get("profile_run"):
+                    self.runner.profile_run()  # vLLM's own start-up profile run, again
                 step = 0
                 while pending or self.engine.has_unfinished_requests():
                     while pending and pending[0][0] <= step:
@@ -178,11 +210,16 @@ class VllmEngine:
                 torch.cuda.synchronize()
             finally:
                 self.rec = self.plant = None
+                self.marking = False
         self.dirty = False
         result = {"status": "ok", "steps": rec["steps"], "forwards": rec["forwards"], "output_tokens": out_tokens,
                   "probe_s": round(time.monotonic() - rec["t0"], 4)}
         if prof is not None:
-            result["kernels"] = _kernel_rows(prof)
+            result["runner_steps"] = rec["runner_steps"]
+            try:
+                result["kernels"], result["kernel_steps"] = _kernel_rows(prof)
+            except Exception as e:  # noqa: BLE001 - the probe ran; a trace that won't parse must not end the engine
+                result["kernel_error"] = f"{type(e).__name__}: {e}"[:500]
         return result
 
 
@@ -214,6 +251,57 @@ def _moe_classes(model) -> dict:
     return {}
 
 
+def _runner_step(kind: str, args: tuple, kwargs: dict, cfg) -> dict:
+    """What one runner step runs: the tokens per prompt its scheduler output holds (the profile run: the budget)."""
+    if kind == "profile":
+        n = kwargs.get("num_tokens", args[0] if args else cfg.scheduler_config.max_num_batched_tokens)
+        return {"kind": kind, "total": int(n), "is_profile": bool(kwargs.get("is_profile"))}
+    out = kwargs.get("scheduler_output", args[0] if args else None)
+    per = {}
+    for rid, n in getattr(out, "num_scheduled_tokens", {}).items():
+        m = _REQ.match(rid)
+        per[m.group(1) if m else rid] = int(n)
+    return {"kind": kind, "total": int(getattr(out, "total_num_scheduled_tokens", 0)), "per_prompt": per}
+
+
+def _call_marked(fn, what: str, args: tuple, kwargs: dict):
+    import torch
+
+    with torch.profiler.record_function(kernels.MARK + what):
+        return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _marked(cm, what: str):
+    """``cm`` (a context manager) entered inside a profiler range named ``diaglib::what``."""
+    import torch
+
+    with torch.profiler.record_function(kernels.MARK + what), cm as value:
+        yield value
+
+
+def _observed(fn, *args):
+    """``fn(*args)``, or a one-element list saying why not (an observation never stops the engine)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return [{"error": f"{type(e).__name__}: {e}"[:300]}]
+
+
+def _attention_backends(cfg) -> list[dict]:
+    """Per kind of attention layer (class, backend): layers and FlashAttention version, as the engine built them."""
+    from .. import compat
+
+    ctx = cfg.compilation_config.static_forward_context
+    kinds: dict[tuple, dict] = {}
+    for name, backend in compat.layer_backends(ctx).items():
+        key = (type(ctx[name]).__name__, backend.get_name())
+        row = kinds.setdefault(key, {"layer": key[0], "backend": key[1], "layers": 0, "first": name,
+                                     "flash_attn_version": compat.flash_attn_version(ctx[name])})
+        row["layers"] += 1
+    return list(kinds.values())
+
+
 @contextlib.contextmanager
 def _profiled(on: bool):
     if not on:
@@ -221,20 +309,33 @@ def _profiled(on: bool):
         return
     import torch
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]  # CPU: the launch marks
+    with torch.profiler.profile(activities=acts) as prof:
         yield prof
 
 
-def _kernel_rows(prof, top: int = 60) -> list[dict]:
+def _kernel_rows(prof, top: int = 60) -> tuple[list[dict], dict]:
+    """The grouped kernel table (top ``top`` by time, and every MoE kernel) and the per-step table, packed."""
+    import pandas as pd
+
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "trace.json"
         prof.export_chrome_trace(str(path))
         table = observe.kernel_table(path)
+        per_step = kernels.trace_steps(path)
+        keep_dir = os.environ.get("DIAGLIB_TRACE_DIR")
+        if keep_dir:
+            import gzip
+            import shutil
+
+            Path(keep_dir).mkdir(parents=True, exist_ok=True)
+            with open(path, "rb") as src, gzip.open(Path(keep_dir) / f"trace-{os.getpid()}-{time.time_ns()}.json.gz",
+                                                   "wb") as dst:
+                shutil.copyfileobj(src, dst)
     keep = table.head(top)
     moe = table[table.moe & ~table.index.isin(keep.index)]
-    import pandas as pd
-
-    return pd.concat([keep, moe]).to_dict("records")
+    packed = json.loads(per_step.to_json(orient="split", index=False))  # columns, data: plain JSON values
+    return pd.concat([keep, moe]).to_dict("records"), packed
 
 
 def _die_with_parent() -> None:

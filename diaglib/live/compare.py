@@ -219,3 +219,67 @@ def throughput(path: str | Path) -> pd.DataFrame:
                      "probes_per_min": round(60 * len(ps) / wall, 2),
                      "probes_per_min_reuse": round(60 * len(ps) / sum(r["probe_s"] for r in ps), 1)})
     return pd.DataFrame(rows)
+
+
+# VLLM_* settings the probe child sets itself (how the engine runs in the child, not what it resolves)
+_CHILD_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING",)
+
+
+def predicted_summary(command: str, gpu: str, env: dict) -> dict:
+    """`diaglib show --json` for one engine (its serve command, one GPU of its kind), answered in a fresh
+    process under the ``VLLM_*`` settings the engine ran with (vLLM reads and caches some once per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ..paths import ROOT
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    base.update({k: v for k, v in env.items() if k.startswith("VLLM_") and k not in _CHILD_ENV})
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    p = subprocess.run([sys.executable, "-m", "diaglib", "show", "--cmd", command, "--gpu", gpu, "--gpu-count", "1",
+                        "--json"], capture_output=True, text=True, env=base, cwd=str(ROOT), check=False)
+    if p.returncode:
+        raise DiagError(f"diaglib show failed for {command}: {(p.stderr or p.stdout).strip()[-300:]}")
+    return json.loads(p.stdout)
+
+
+def engine_config(path: str | Path, run: str | None = None) -> pd.DataFrame:
+    """Per engine start: what vLLM resolved on the GPU (compilation, scheduler, cache, attention backend per
+    layer kind, MoE method and experts, linear methods and their kernels) against `diaglib show` for the same
+    engine. Columns: run, engine_id, item, predicted, observed, match."""
+    path = Path(path)
+    rows, seen = [], {}
+    for (_, eid), eng in _engines(store.read(path)).items():
+        if run and eng["run"] != run or not eng.get("info"):
+            continue
+        info = eng["info"]
+        command = local_command(eng["spec"], path.parent)
+        gpu = info.get("gpu_name", "NVIDIA H200")
+        env = {k: v for k, v in (eng.get("env") or {}).items() if k.startswith("VLLM_") and k not in _CHILD_ENV}
+        key = (command, gpu, tuple(sorted(env.items())))
+        if key not in seen:
+            seen[key] = predicted_summary(command, gpu, env)
+        s = seen[key]
+
+        def add(item, predicted, observed, run=eng["run"], eid=eid):
+            rows.append({"run": run, "engine_id": eid, "item": item, "predicted": predicted,
+                         "observed": observed, "match": predicted == observed})
+
+        for part in ("compilation", "scheduler", "cache"):
+            for k, v in (info.get(part) or {}).items():
+                add(f"{part}.{k}", s[part].get(k), v)
+        fields = ("layer", "backend", "layers", "flash_attn_version")
+        add("attention", [{f: a.get(f) for f in fields} for a in s["architecture"]["attention"]],
+            [{f: a.get(f) for f in fields} for a in info.get("attention", [])])
+        moe, pmoe = info.get("moe") or {}, s.get("moe") or {}
+        if moe or pmoe.get("method"):
+            add("moe.method", pmoe.get("method"), moe.get("quant_method"))
+            experts = pmoe.get("experts")  # "Wrapper -> the kernel it picks at the budget": the class is the wrapper
+            add("moe.experts", experts.split(" -> ")[0] if experts else experts,
+                next((v for k, v in moe.items() if k.endswith(".fused_experts")), None))
+        fields = ("method", "kernels", "layers")
+        add("linear_methods", [{f: m[f] for f in fields} for m in s["architecture"]["linear_methods"]],
+            [{f: m[f] for f in fields} for m in info.get("linear_methods", [])])
+    return pd.DataFrame(rows, columns=["run", "engine_id", "item", "predicted", "observed", "match"])

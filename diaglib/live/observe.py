@@ -102,7 +102,7 @@ _GROUP = {"weights_load_s": 2, "max_concurrency": 2, "graph_pool_gib": 2, "graph
           "compile_s": 2}
 _TEXT = {"moe_backend": r"(Using \S+ (?:Fp8|Unquantized|Int8|NvFp4|Mxfp4|MxFp8|WNA16) MoE backend[^\n]*)",
          "moe_config": r"(Using (?:default )?(?:MoE )?config[^\n]*MoE layer[^\n]*)",
-         "attention_backend": r"(Using \S*(?:FLASH|Flash|FLASHINFER|TRITON_ATTN|Attention)\S* backend[^\n]*)"}
+         "attention_backend": r"(Using \S*(?:FLASH|Flash|FLASHINFER|TRITON_ATTN|Attention|MLA)\S* (?:attention )?backend[^\n]*)"}
 
 
 def logged_figures(log: str) -> dict:

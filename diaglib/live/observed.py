@@ -24,6 +24,7 @@ EXPECT = {
                               "from"),
     "exactly-at-budget": (None, {"budget+1", "budget-1"}, "at"),
     "cudagraph-capture-padding": (None, {"cudagraph-off"}, "from"),
+    "full-capture-over-max-model-len": (r"flash_fwd|combine|FlashAttn", {"cudagraph-off"}, "start"),
     "chunked-prefill-edge": (None, {"chunked-prefill-off"}, "at"),
     "fp8-block-tp-alignment": (None, set(), "start"),
     "profile-run-at-budget": (None, {"budget+1", "budget-1"}, "start"),

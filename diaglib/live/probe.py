@@ -41,6 +41,7 @@ class Probe:
     max_tokens: int | list[int] = 2
     planted: dict | None = None
     profile: bool = False
+    profile_run: bool = False  # run vLLM's start-up profile run again (as the probe's first step)
     fresh: bool = False
     timeout_s: float | None = None
 
@@ -54,8 +55,8 @@ class Probe:
         mt = self.max_tokens if isinstance(self.max_tokens, list) else [self.max_tokens] * len(self.prompts)
         if len(mt) != len(self.prompts) or any(int(n) < 1 for n in mt):
             raise DiagError(f"probe {self.key}: max_tokens must be >= 1, one per prompt or one for all")
-        if not self.prompts and not self.planted:
-            raise DiagError(f"probe {self.key}: no prompts and no planted fault")
+        if not self.prompts and not self.planted and not self.profile_run:
+            raise DiagError(f"probe {self.key}: no prompts, no planted fault and no profile run")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -339,6 +340,16 @@ def _one_probe(lane: _Lane, probe: Probe, store_path, run_name, probe_timeout_s,
 
 
 def _record_probe(store_path, run_name, lane, probe, out, report, tl, *, started, phase, probe_s, returncode=None):
+    kernel_file = None
+    if report.get("kernel_steps"):  # the per-step kernel table goes beside the store, not into it
+        from . import kernels
+
+        packed = report["kernel_steps"]
+        df = pd.DataFrame(packed["data"], columns=packed["columns"])
+        for c in ("grid", "block"):
+            df[c] = df[c].map(lambda d: tuple(d) if d else None)
+        path = kernels.write(df, kernels.kernel_path(store_path, run_name, probe.key))
+        kernel_file = str(path.relative_to(Path(store_path).parent))
     store.append(store_path, {
         "type": "probe", "run": run_name, "key": probe.key, "time": _now(), "probe": probe.as_dict(),
         "gpu": lane.gpu, "engine_id": lane.engine_id, "engine_seq": lane.seq, "engine_started": started,
@@ -346,7 +357,8 @@ def _record_probe(store_path, run_name, lane, probe, out, report, tl, *, started
         "child_probe_s": report.get("probe_s"), **out.as_dict(), "returncode": returncode,
         "steps": report.get("steps"), "forwards": report.get("forwards"), "output_tokens": report.get("output_tokens"),
         "memory": report.get("memory"), "memory_snapshot": report.get("memory_snapshot"),
-        "kernels": report.get("kernels"),
+        "kernels": report.get("kernels"), "kernel_file": kernel_file, "runner_steps": report.get("runner_steps"),
+        "kernel_error": report.get("kernel_error"),
         "child_error": scrub(report.get("message", ""))[:500] or None,
         "nvml": tl.downsampled() if tl is not None else None,
     })

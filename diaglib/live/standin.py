@@ -1,19 +1,20 @@
 """Rank-equivalent stand-in: a model config reshaped to one tensor-parallel rank's per-GPU shapes.
 
-Attention heads, KV heads, dense and MoE intermediate sizes and the vocabulary are divided by TP; hidden
-size, head size, expert count, depth and the quantization config stay. Loaded on one GPU with vLLM's
+Every key of the config that names a size vLLM shards over TP ranks (attention and KV heads, any
+``*intermediate_size``, the vocabulary) is divided by TP; hidden size, head sizes, MLA's latent ranks, expert
+count, depth and the quantization config stay. Loaded on one GPU with vLLM's
 ``load_format="dummy"``, it runs the exact per-rank kernel shapes of the TP deployment.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import DiagError
 
-# Per-rank keys (divided by TP) and what stays whole.
-DIVIDED = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size",
-           "shared_expert_intermediate_size", "vocab_size")
+# Config keys vLLM shards over TP ranks (column-parallel heads and MLP widths, the vocab-parallel embedding).
+DIVIDED = re.compile(r"^(num_attention_heads|num_key_value_heads|vocab_size|\w*intermediate_size)$")
 
 NOT_REPRODUCED = (
     "all-reduce and NCCL between ranks (no communication kernels, no FlashInfer allreduce+RMSNorm fusion)",
@@ -30,13 +31,12 @@ def rank_config(config: dict, tp: int) -> dict:
         raise DiagError(f"tensor-parallel size must be >= 1, got {tp}")
     out = json.loads(json.dumps(config))
     heads = config.get("num_attention_heads")
-    if heads and "head_dim" not in out:
+    if heads and "head_dim" not in out and "kv_lora_rank" not in config:
         out["head_dim"] = config["hidden_size"] // heads  # keep the real head size once heads are divided
     divided = {}
-    for key in DIVIDED:
-        if key not in config or config[key] is None:
+    for key, value in config.items():
+        if not DIVIDED.match(key) or not isinstance(value, int) or isinstance(value, bool):
             continue
-        value = int(config[key])
         if key == "num_key_value_heads" and value < tp:
             if tp % value:
                 raise DiagError(f"{key}={value} does not divide evenly over TP {tp}")

@@ -186,10 +186,15 @@ def linear_methods(sc: Scenario) -> list[dict]:
     """The quantization methods of the model's linear layers, one row per method: how many layers use it
     and the kernel choices it made on this GPU (its kernel objects, ``use_*`` switches that are on, backend
     enums), read off the methods vLLM attached to the meta model's layers."""
+    return method_rows(layers.build_model(sc))
+
+
+def method_rows(model) -> list[dict]:
+    """:func:`linear_methods` of a built model (the meta model here, the engine's own on a GPU)."""
     from vllm.model_executor.layers.linear import LinearBase
 
     rows: dict[tuple[str, str], dict] = {}
-    for name, layer in layers.build_model(sc).named_modules():
+    for name, layer in model.named_modules():
         qm = getattr(layer, "quant_method", None)
         if not isinstance(layer, LinearBase) or qm is None:
             continue

@@ -202,6 +202,18 @@ def cudagraph_edge(f: _Facts):
                           "and without padding"), top + 1
 
 
+def full_capture_over_mml(f: _Facts):
+    """Mixed batches captured as FULL graphs at sizes above max_model_len: the capture's dummy requests each get a
+    sequence length of the capture size (GPUModelRunner._dummy_run), longer than any request may be."""
+    cfg = f.sc.vllm_config
+    mode, mml = cfg.compilation_config.cudagraph_mode, cfg.model_config.max_model_len
+    top = f.comp["max_cudagraph_capture_size"] or 0
+    if mode is None or mode.mixed_mode().name != "FULL":
+        return False, f"mixed batches are not captured as FULL graphs (cudagraph_mode {f.comp['cudagraph_mode']})", None
+    return top > mml, (f"FULL graphs of mixed batches captured up to {top} tokens, max_model_len {mml}: captures of "
+                       f"{mml + 1}..{top} tokens give each dummy request a sequence longer than max_model_len"), mml + 1
+
+
 def chunked_prefill(f: _Facts):
     sch = f.sc.vllm_config.scheduler_config
     if not sch.enable_chunked_prefill:
@@ -281,7 +293,7 @@ def version_listed(f: _Facts, cls: dict):
 
 PREDICATES = {fn.__name__: fn for fn in (
     moe_triton_int32, any_buffer_int32, census_int32, inductor_32bit, census_inductor_int32, compile_range_edge,
-    moe_chunking, at_budget, cudagraph_edge, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always,
+    moe_chunking, at_budget, cudagraph_edge, full_capture_over_mml, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always,
     perf_cliff, version_listed)}
 
 
