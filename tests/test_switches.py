@@ -95,7 +95,7 @@ def test_candidates_are_broadest_first_and_combine(scenario):
     order = list(switches.BY_NAME)
     assert names == sorted(names, key=order.index) and "budget-1" not in names
     flags, env = switches.apply(scenario, names)
-    with switches.with_env(env):
+    with compat.with_env(env):
         derived = scenario.derive(*flags)  # all switches on at once: vLLM accepts the combination
     cs = compat.compilation_summary(derived.vllm_config)
     assert cs["cudagraph_mode"] == "NONE" and cs["compile_backend"] == "eager"

@@ -51,7 +51,7 @@ from .cudagraphs import (
     uniform_decode_query_len,
 )
 from .detect import VllmApiMissing
-from .envs import vllm_env
+from .envs import vllm_env, with_env
 from .forward import (
     attention_layers,
     bind_kv_cache,

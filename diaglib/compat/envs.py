@@ -23,12 +23,10 @@ def _forget() -> None:
 
 
 @contextlib.contextmanager
-def vllm_env(env: dict[str, str]):
-    """The block runs with ``env``'s VLLM_* settings (others are ignored) as vLLM would read them at start-up."""
-    env = {k: str(v) for k, v in env.items() if k.startswith("VLLM_")}
+def with_env(env: dict[str, str]):
+    """Set env vars for the block, restoring the previous values after."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    _forget()
     try:
         yield
     finally:
@@ -37,4 +35,14 @@ def vllm_env(env: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def vllm_env(env: dict[str, str]):
+    """The block runs with ``env``'s VLLM_* settings (others are ignored) as vLLM would read them at start-up."""
+    try:
+        with with_env({k: str(v) for k, v in env.items() if k.startswith("VLLM_")}):
+            _forget()
+            yield
+    finally:
         _forget()

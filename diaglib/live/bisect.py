@@ -315,7 +315,7 @@ def vllm_precheck(sc) -> Callable[[frozenset, int], str | None]:
 
     def check(switches: frozenset, tokens: int) -> str | None:
         flags, env = sw.apply(sc, switches)
-        with sw.with_env(env):
+        with compat.with_env(env):
             try:
                 derived = sc.derive(*flags)
                 compat.check_prompt_len(derived.vllm_config, tokens)  # chunked-prefill-off caps max_model_len

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 
 import pandas as pd
 
+from .. import compat
 from ..errors import DiagError
 
 OUTCOME_COLORS = {"ok": "#4caf50", "illegal_memory_access": "#d32f2f", "cuda_error": "#e57373",
@@ -57,7 +58,7 @@ def settings(sc, knobs: dict[str, list[str]]) -> list[Setting]:
             else:
                 flags += knob_flags(k, v)
         label = " ".join(f"{k}={v}" for k, v in zip(knobs, combo)) or "base"
-        with sw.with_env(env):
+        with compat.with_env(env):
             try:
                 sc.derive(*flags)
             except DiagError as e:

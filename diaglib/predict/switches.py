@@ -8,8 +8,6 @@ that check: "no effect").
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -72,21 +70,6 @@ def spelling(sc: Scenario) -> dict[str, tuple[list[str], dict[str, str]] | str]:
     return compat.kill_switches(sc.vllm_config, compat.attention_backend(sc.vllm_config))
 
 
-@contextlib.contextmanager
-def with_env(env: dict[str, str]):
-    """Set env vars for the block, restoring the previous values after."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _fact(sc: Scenario, name: str):
     cfg = sc.vllm_config
     if name == "moe_backend":
@@ -133,7 +116,7 @@ def verify(sc: Scenario, names: Iterable[str] | None = None) -> pd.DataFrame:
                 row.update(status="unverified", note=f"{type(e).__name__}: {str(e).splitlines()[0]}")
                 rows.append(row)
                 continue
-            with with_env(env):
+            with compat.with_env(env):
                 try:
                     derived = sc.derive(*flags)
                 except DiagError as e:
