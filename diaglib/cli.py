@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import cache, compat, progress
 from .cache import cacheable
-from .errors import DiagError
+from .errors import DiagError, vllm_refusal
 
 LOG_MAX_BYTES = 8 << 20  # the log is started afresh (one old copy kept) past this size
 
@@ -720,31 +720,6 @@ def _bytecode_cache() -> None:
         sys.dont_write_bytecode = False
 
 
-_RESOLVING = ("parse_serve_args", "create_config")  # diaglib.scenario: the user's command handed to vLLM
-
-
-def _vllm_refusal(exc: BaseException) -> str | None:
-    """`vLLM refused: <its message> (where)` when vLLM's own code raised: one of its checks (an assert, a
-    ValueError, NotImplementedError) anywhere, or any exception while it resolved the user's serve command."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    vllm = sys.modules.get("vllm")
-    where = getattr(vllm, "__path__", None)
-    if not frames or not where:
-        return None
-    top = Path(next(iter(where))).resolve()
-    last = Path(frames[-1].filename).resolve()
-    if not last.is_relative_to(top):
-        return None
-    ours = [f for f in frames if f"{os.sep}diaglib{os.sep}" in f.filename]
-    resolving = any(f.name in _RESOLVING and f.filename.endswith("scenario.py") for f in ours)
-    if not resolving and not isinstance(exc, (AssertionError, ValueError, NotImplementedError)):
-        return None
-    asked = f", asked by diaglib's {ours[-1].name}" if ours else ""
-    text = " ".join(str(exc).split())
-    text = text if isinstance(exc, (AssertionError, ValueError)) and text else f"{type(exc).__name__}: {text}"
-    return f"vLLM refused: {text} (vllm/{last.relative_to(top).as_posix()}:{frames[-1].lineno}{asked})"
-
-
 def _internal_error(exc: BaseException, q: _Quiet) -> str:
     """One line naming an unexpected exception and where it was raised (the traceback is in the log)."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -817,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
                 message, rc = f"diaglib: error: {e}", e.exit_code
             except Exception as e:  # vLLM's own checks, and the last resort: never a raw traceback
                 q.log("".join(traceback.format_exception(type(e), e, e.__traceback__)))
-                refusal = _vllm_refusal(e)
+                refusal = vllm_refusal(e)
                 message, rc = (f"diaglib: error: {refusal}", 2) if refusal else (_internal_error(e, q), 1)
     except DiagError as e:
         message, rc = f"diaglib: error: {e}", e.exit_code

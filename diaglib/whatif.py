@@ -4,7 +4,8 @@ Everything that fakes hardware lives here, is switched on by :func:`activate` be
 and never where a real GPU exists (:func:`activate` refuses then). It fakes the CUDA device, at the lowest
 level that works, never a vLLM backend or layer; what it overrides, and why:
 
-1. ``libcuda.so.1``: vLLM's extensions link the driver. A stub library exporting exactly the driver
+1. ``libcuda.so.1``: vLLM's extensions (and those of the kernel packages it requires) link the driver. A
+   stub library exporting exactly the driver
    entry points they import, each returning CUDA_ERROR_STUB_LIBRARY, is built once with the C compiler
    and loaded globally, so the real extensions load and their host-side checks give real answers.
 2. vLLM's current platform: a subclass of vLLM's own ``NonNvmlCudaPlatform`` reporting the named GPU's
@@ -115,14 +116,46 @@ def _platform_is_ours() -> bool:
 
 # --- 1. the stub driver library -------------------------------------------------------------------
 
+def _extensions(package_dir: Path) -> list[Path]:
+    """The compiled extensions of vLLM and of the distributions it requires (kernel libraries such as a JIT
+    GEMM package link the driver too); torch, Triton and NVIDIA's CUDA libraries load it at run time."""
+    import importlib.metadata as md
+    import re
+
+    found = sorted(package_dir.rglob("*.so"))
+    for req in md.requires("vllm") or []:
+        name = re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        if "extra ==" in req or re.match(r"(torch|triton|nvidia)", name.lower()):
+            continue
+        found += [Path(dist.locate_file(f)) for f in dist.files or [] if f.name.endswith(".so")]
+    return found
+
+
 def _driver_symbols(package_dir: Path) -> list[str]:
-    """The cu* driver functions that the extensions under package_dir import."""
+    """The cu* driver functions that those extensions import (kept per set of files: nm is slow)."""
+    files = _extensions(package_dir)
+    stamp = hashlib.sha256("".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}\n" for f in files
+                                   if f.exists()).encode()).hexdigest()[:16]
+    kept = _stub_dir() / f"driver-symbols-{stamp}.txt"
+    if kept.exists():
+        return kept.read_text().split()
     names: set[str] = set()
-    for so in package_dir.rglob("*.so"):
+    for so in files:
         out = subprocess.run(["nm", "-D", "--undefined-only", str(so)], capture_output=True, text=True)
         names.update(w for line in out.stdout.splitlines() for w in line.split()[-1:]
                      if w.startswith("cu") and w[2:3].isupper())
-    return sorted(names | {"cuInit", "cuDriverGetVersion", "cuGetProcAddress", "cuGetProcAddress_v2"})
+    names = sorted(names | {"cuInit", "cuDriverGetVersion", "cuGetProcAddress", "cuGetProcAddress_v2"})
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text("\n".join(names) + "\n")
+    return names
+
+
+def _stub_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diaglib"
 
 
 def _load_stub_libcuda() -> None:
@@ -132,7 +165,7 @@ def _load_stub_libcuda() -> None:
     symbols = _driver_symbols(Path(next(iter(spec.submodule_search_locations))))
     source = "".join(f"int {s}(void) {{ return {CUDA_ERROR_STUB_LIBRARY}; }}\n" for s in symbols)
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diaglib" / f"stub-libcuda-{key}"
+    cache = _stub_dir() / f"stub-libcuda-{key}"
     lib = cache / "libcuda.so.1"
     if not lib.exists():
         cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -222,6 +255,8 @@ def _patch_torch() -> None:
         setattr(cuda, name, lambda *a, **k: None)
     for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "max_memory_reserved"):
         setattr(cuda, name, lambda device=None: 0)
+    for name in ("_exchange_device", "_maybe_exchange_device"):  # `with torch.cuda.device(i)`: stays on 0
+        setattr(cuda, name, lambda device: 0)
 
 
 def _patch_triton() -> None:

@@ -57,3 +57,29 @@ def test_bad_input_exits_2_with_one_line(args, message):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("diaglib: error: ") and message in last
     assert "Traceback" not in p.stderr
+
+
+def _raised_in_vllm(exc: BaseException, calls_through_vllm: bool = True) -> BaseException:
+    """``exc`` raised from code that lives in the installed vLLM's package (compiled under its path)."""
+    import vllm
+    from pathlib import Path
+
+    where = str(Path(next(iter(vllm.__path__))) / "model_executor" / "planted.py")
+    scope: dict = {}
+    exec(compile("def planted(e):\n    raise e\n", where if calls_through_vllm else "/elsewhere/x.py", "exec"), scope)
+    try:
+        scope["planted"](exc)
+    except BaseException as e:  # noqa: BLE001 - the exception under test
+        return e
+    raise AssertionError("not raised")
+
+
+def test_vllm_own_checks_and_unreadable_model_files_are_refusals():
+    from diaglib.errors import vllm_refusal
+
+    r = vllm_refusal(_raised_in_vllm(ValueError("output_size 192 is not divisible by block_n 128")))
+    assert r.startswith("vLLM refused: output_size 192") and "vllm/model_executor/planted.py:2" in r
+    r = vllm_refusal(_raised_in_vllm(OSError("Can't load image processor for '/m'")))
+    assert r.startswith("vLLM could not read the model's files: Can't load image processor")
+    assert vllm_refusal(_raised_in_vllm(OSError("disk"), calls_through_vllm=False)) is None
+    assert vllm_refusal(_raised_in_vllm(KeyError("x"))) is None  # not one of vLLM's checks: diaglib's fault

@@ -194,8 +194,6 @@ def test_sanitizer3_standalone_fa3_names_the_forward_kernel_not_the_combine():
     assert "run_flash_fwd<90, 128, 128" in first["lines"] and "mha_fwd" in first["lines"]
 
 
-@pytest.mark.xfail(strict=True, reason="diaglib's faulting_kernel takes the demangled name's return type ('void') "
-                                       "for the kernel of a C++ template kernel")
 def test_sanitizer3_parser_names_the_kernel():
     from diaglib.live.evidence import sanitizer_first_error
 

@@ -25,6 +25,7 @@ from .attention import (
     attention_backend,
     attention_backend_class,
     attention_groups,
+    backend_name,
     backend_traits,
     block_size_set_after_load,
     config_after_load,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import types
 
 from .detect import first, has
 
@@ -45,7 +46,7 @@ def attention_backend_class(vllm_config):
 
 def attention_backend(vllm_config) -> str:
     """The name of the backend :func:`attention_backend_class` picks (FlashAttention with its version)."""
-    name = attention_backend_class(vllm_config).get_name()
+    name = backend_name(attention_backend_class(vllm_config))
     if name.startswith("FLASH_ATTN"):
         version = first("vLLM's FlashAttention version helper",
                         "vllm.v1.attention.backends.fa_utils:get_flash_attn_version",
@@ -122,10 +123,16 @@ def layer_kv_cache_specs(vllm_config, layers: dict) -> dict:
         return _runner_kv_cache_specs(vllm_config, layers)
 
 
+class _RunnerStandIn(types.SimpleNamespace):
+    """What GPUModelRunner.get_kv_cache_spec reads off ``self``; the sub-configs the runner copies from its
+    vllm_config in __init__ (speculative_config, parallel_config, ...) are read from that config."""
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["vllm_config"], name)
+
+
 def _runner_kv_cache_specs(vllm_config, layers: dict) -> dict:
     """vLLM's GPUModelRunner.get_kv_cache_spec on a stand-in runner holding what that method reads."""
-    import types
-
     runner = first("vLLM's GPU model runner", "vllm.v1.worker.gpu_model_runner:GPUModelRunner")
     from vllm.utils import STR_DTYPE_TO_TORCH_DTYPE
 
@@ -133,7 +140,7 @@ def _runner_kv_cache_specs(vllm_config, layers: dict) -> dict:
     cfg = copy.copy(vllm_config)
     cfg.compilation_config = copy.copy(vllm_config.compilation_config)
     cfg.compilation_config.static_forward_context = layers
-    stand_in = types.SimpleNamespace(
+    stand_in = _RunnerStandIn(
         vllm_config=cfg, model_config=mc, cache_config=cache, shared_kv_cache_layers={},
         kv_cache_dtype=mc.dtype if cache.cache_dtype == "auto" else STR_DTYPE_TO_TORCH_DTYPE[cache.cache_dtype],
         attention_chunk_size=getattr(mc, "attention_chunk_size", None))
@@ -200,16 +207,33 @@ def backend_traits(backend, builder=None) -> dict:
     (reorder_batch_threshold), the query lengths its decode kernel takes, the kernel block sizes it
     supports, and whether it is a state-space (mamba) backend. Call under the scenario's config."""
     builder = builder if builder is not None else backend.get_builder_cls()
-    sizes = getattr(backend, "get_supported_kernel_block_sizes", None)
-    is_ssm = getattr(backend, "is_ssm", None)
+    sizes = _declared(backend, "get_supported_kernel_block_sizes")
+    is_ssm = _declared(backend, "is_ssm")
     qls = getattr(builder, "query_len_support", None)
-    return {"backend": backend.get_name(),
+    return {"backend": backend_name(backend),
             "builder": builder.__name__ if isinstance(builder, type) else type(builder).__name__,
             "decode_threshold": getattr(builder, "reorder_batch_threshold", None),
             "decode_query_len": getattr(qls, "name", None),
-            "kernel_block_sizes": [s if isinstance(s, int) else f"multiple of {s.base}" for s in sizes()]
-            if callable(sizes) else None,
-            "ssm": bool(is_ssm()) if callable(is_ssm) else None}
+            "kernel_block_sizes": [s if isinstance(s, int) else f"multiple of {s.base}" for s in sizes]
+            if sizes is not None else None,
+            "ssm": bool(is_ssm) if is_ssm is not None else None}
+
+
+def backend_name(backend) -> str:
+    """The name vLLM's attention backend class gives itself (its class name where it gives none)."""
+    return _declared(backend, "get_name") or backend.__name__
+
+
+def _declared(backend, method: str):
+    """What ``backend.method()`` answers, None where the class does not have it or leaves it abstract (the
+    state-space backends of some releases inherit get_name from the base class, which raises)."""
+    fn = getattr(backend, method, None)
+    if not callable(fn):
+        return None
+    try:
+        return fn()
+    except NotImplementedError:
+        return None
 
 
 def flash_attn_version(layer) -> int | None:

@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 
+from .attention import backend_name
 from .detect import VllmApiMissing, first, has, takes
 from .releases import installed
 
@@ -136,7 +137,7 @@ def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):
     if not hasattr(backend, "get_kv_cache_shape"):
         from .detect import VllmApiMissing
 
-        raise VllmApiMissing(f"{backend.get_name()} has no get_kv_cache_shape (this vLLM allocates KV caches "
+        raise VllmApiMissing(f"{backend_name(backend)} has no get_kv_cache_shape (this vLLM allocates KV caches "
                              "as byte views per layout)")
     kw = {"cache_dtype_str": cache_dtype} if _takes_obj(backend.get_kv_cache_shape, "cache_dtype_str") else {}
     shape = backend.get_kv_cache_shape(num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size, **kw)

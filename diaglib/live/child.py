@@ -295,7 +295,7 @@ def _attention_backends(cfg) -> list[dict]:
     ctx = cfg.compilation_config.static_forward_context
     kinds: dict[tuple, dict] = {}
     for name, backend in compat.layer_backends(ctx).items():
-        key = (type(ctx[name]).__name__, backend.get_name())
+        key = (type(ctx[name]).__name__, compat.backend_name(backend))
         row = kinds.setdefault(key, {"layer": key[0], "backend": key[1], "layers": 0, "first": name,
                                      "flash_attn_version": compat.flash_attn_version(ctx[name])})
         row["layers"] += 1

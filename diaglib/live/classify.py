@@ -32,7 +32,7 @@ _PATTERNS = [
         r"triton\.compiler\.errors\.\w+|CompilationError|OutOfResources|ptxas (?:fatal|error)", re.I)),
 ]
 _SANITIZER_KERNEL = re.compile(r"Invalid __\w+__ (?:write|read) of size \d+ bytes\s*\n=*\s*at (?:0x[0-9a-f]+ in )?"
-                               r"([A-Za-z_][\w:<>, ]*?)(?:\+0x[0-9a-f]+|\(|\s)", re.I)
+                               r"(.+?)(?:\+0x[0-9a-f]+.*)?$", re.I | re.M)
 _TRITON_KERNEL = re.compile(r"\b(triton_(?:poi|red|per|tem|for)_fused\w*)\b")
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
 _RUNTIME = re.compile(r"/(?:torch|triton)/|^<")  # frames of the runtime that reports a fault, not of its caller
@@ -94,9 +94,24 @@ def faulting_kernel(text: str) -> str | None:
     """The kernel compute-sanitizer names, else the last Inductor-generated Triton kernel the log names."""
     m = _SANITIZER_KERNEL.search(text)
     if m:
-        return m.group(1).strip()
+        return _function_name(m.group(1).strip())
     names = _TRITON_KERNEL.findall(text)
     return names[-1] if names else None
+
+
+def _function_name(demangled: str) -> str:
+    """A demangled C++ function without its return type and parameter list: ``void ns::k<(int)2>(T::Params)``
+    -> ``ns::k<(int)2>`` (template arguments kept: they name the instantiation)."""
+    depth, cut = 0, len(demangled)
+    for i, ch in enumerate(demangled):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0 and i:
+            cut = i  # the parameter list starts at the first "(" outside template arguments
+            break
+    name = demangled[:cut].strip()
+    head = re.match(r"[\w:]+ (?=[A-Za-z_])", name)  # a return type before the name (`void `)
+    return name[head.end():] if head and "<" not in head.group(0) else name
 
 
 def surfaced_at(text: str) -> str | None:

@@ -36,11 +36,12 @@ import math
 import re
 import time
 import traceback
+import weakref
 
 import pandas as pd
 
 from .. import compat, whatif
-from ..errors import DiagError
+from ..errors import DiagError, vllm_refusal
 from ..scenario import Scenario
 from . import layers
 
@@ -194,8 +195,40 @@ def _fa3_fwd(q, k, v, *args, **kwargs):
     return [out, torch.empty(heads, total, **f32), *acc]
 
 
-_NO_META = {"_moe_C::grouped_topk": _grouped_topk, "_vllm_fa3_C::fwd": _fa3_fwd,
-            "_vllm_fa3_C::get_scheduler_metadata": _fa3_scheduler_metadata}
+def _unique2(t, sorted=True, return_inverse=False, return_counts=False):  # noqa: A002 - aten's argument name
+    import torch  # pytorch aten/src/ATen/native/Unique.cpp _unique2: (values, inverse [t.shape] or [0], counts)
+    # data-dependent: a meta tensor's values are unknown, and the census stands one value in for all of them
+    # (as for .item()), so one unique value (vLLM asks it of weight scales, e.g. ModelOpt NVFP4's global scale)
+
+    n = min(t.numel(), 1)
+    i64 = {"dtype": torch.int64, "device": t.device}
+    return (torch.empty(n, dtype=t.dtype, device=t.device),
+            torch.empty(t.shape if return_inverse else (0,), **i64), torch.empty(n if return_counts else 0, **i64))
+
+
+def _index_by_mask(t, indices):
+    import torch  # pytorch aten/src/ATen/native/TensorAdvancedIndexing.cpp index: a boolean mask of k dims
+    # stands for its k nonzero() index vectors; data-dependent, so every element is taken as selected (the
+    # largest result, as a mask of meta values that are all the stand-in 1 would select)
+
+    out = []
+    for i in indices:
+        if i is not None and i.dtype in (torch.bool, torch.uint8):
+            out += [torch.empty(i.numel(), dtype=torch.int64, device=i.device)] * i.dim()
+        else:
+            out.append(i)
+    return torch.ops.aten.index.Tensor(t, out)
+
+
+_NO_META = {"_moe_C::grouped_topk": _grouped_topk, "aten::index.Tensor": _index_by_mask, "_vllm_fa3_C::fwd": _fa3_fwd,
+            "_vllm_fa3_C::get_scheduler_metadata": _fa3_scheduler_metadata, "aten::_unique2": _unique2}
+
+# The values of meta tensors are unknown; the census stands 1 in for each (finite). So a test for non-finite
+# values is all False, and so are reductions and views of such tests (vLLM checks loaded scales so, e.g.
+# `if torch.isnan(scale).any(): raise`).
+_NON_FINITE = {"aten::isnan", "aten::isinf", "aten::isneginf", "aten::isposinf"}
+_ALL_FALSE = {"aten::any", "aten::logical_or", "aten::bitwise_or", "aten::view", "aten::reshape", "aten::flatten",
+              "aten::_to_copy", "aten::clone", "aten::alias", "aten::squeeze", "aten::unsqueeze", "aten::amax"}
 
 _VIEW_OR_ALLOC = re.compile(r"^aten::(empty|empty_strided|new_empty|new_empty_strided|_local_scalar_dense|"
                             r"lift_fresh|resize_|set_|sym_|_unsafe_view|detach_|item)")
@@ -300,12 +333,23 @@ def _recorder_mode(state):
                     if name == "aten::copy_" and "cross-device" in str(e):  # host values into a device tensor
                         rec.note = "host-to-device copy: the device tensor keeps its shape"
                         return args[0]
-                    if name not in ("aten::_local_scalar_dense", "aten::item"):
+                    if name in ("aten::_local_scalar_dense", "aten::item") and state.all_false(args[0]):
+                        out = False
+                        rec.note = "a test for non-finite values of meta tensors: the stand-in 1s are finite"
+                    elif name in ("aten::_local_scalar_dense", "aten::item"):
+                        out = 1.0 if args[0].dtype.is_floating_point else 1
+                        rec.note = "value of a meta tensor: 1 stands in"
+                    elif [str(r.type) for r in schema.returns] == ["bool"] and "meta tensors" in str(e):
+                        out = True  # a comparison of values (allclose, equal): the stand-in 1s are all equal
+                        rec.note = "comparison of meta tensors' values: the stand-in 1s compare equal"
+                    else:
                         raise
-                    out = 1.0 if args[0].dtype.is_floating_point else 1
-                    rec.note = "value of a meta tensor: 1 stands in"
                     state.stand_ins.append(rec)
             n_in = len(rec.tensors)
+            base, tests = name.split(".", 1)[0], [t for _, t in rec.tensors if t.dtype == torch.bool]
+            if isinstance(out, torch.Tensor) and out.device.type == "meta" and (
+                    base in _NON_FINITE or base in _ALL_FALSE and tests and all(map(state.all_false, tests))):
+                state.mark_all_false(out)
             _walk(out, "out", rec.tensors)
             rec.scalars["_n_in"] = n_in
             return out
@@ -352,9 +396,17 @@ class _State:
         self.outputs: list[tuple] = []
         self.phase = "setup"
         self.autotuned: str | None = None
+        self._all_false: dict[int, weakref.ref] = {}  # meta tensors known to hold only False (see _ALL_FALSE)
 
     def module(self) -> str:
         return self.stack[-1] if self.stack else ""
+
+    def all_false(self, t) -> bool:
+        ref = self._all_false.get(id(t))
+        return ref is not None and ref() is t
+
+    def mark_all_false(self, t) -> None:
+        self._all_false[id(t)] = weakref.ref(t)
 
 
 @contextlib.contextmanager
@@ -686,9 +738,9 @@ def prepare(sc: Scenario) -> _Prepared:
     try:
         with _env(sc, cfg, state), compat.deep_gemm_scale_layout(notes):
             process_weights_after_loading(model, cfg.model_config, torch.device("meta"))
-    except Exception as e:  # noqa: BLE001
-        raise DiagError(f"the census cannot run vLLM's process_weights_after_loading on meta weights here "
-                        f"({_why(e)})") from None
+    except Exception as e:  # noqa: BLE001 - vLLM's own check of the loaded weights, else one line of ours
+        raise DiagError(vllm_refusal(e) or f"the census cannot run vLLM's process_weights_after_loading on meta "
+                        f"weights here ({_why(e)})") from None
     if state.stand_ins:
         notes.append(f"process_weights_after_loading read {len(state.stand_ins)} values of meta tensors "
                      "(weight scales); 1 stood in for each")
@@ -722,7 +774,7 @@ def prepare(sc: Scenario) -> _Prepared:
             try:
                 builder = compat.metadata_builder(backend, spec, names, cfg, torch.device("cuda"))
             except Exception as e:  # noqa: BLE001 - the census says where it stops
-                notes.append(f"{backend.get_name()}: metadata builder not built here ({_why(e)}); attention runs "
+                notes.append(f"{compat.backend_name(backend)}: metadata builder not built here ({_why(e)}); attention runs "
                              "with the shapes its fake implementation sees")
             if spec.block_size not in tables:
                 tables[spec.block_size] = compat.block_table(cfg, spec.block_size)
@@ -812,7 +864,7 @@ def _attention(p: _Prepared, step: Step, padded: int, inputs: dict, notes: list,
         try:
             built = compat.build_metadata(builder, common)
         except Exception as e:  # noqa: BLE001
-            notes.append(f"{backend.get_name()}: metadata not built for this step ({_why(e)}); attention runs with "
+            notes.append(f"{compat.backend_name(backend)}: metadata not built for this step ({_why(e)}); attention runs with "
                          "the shapes its fake implementation sees")
             tracebacks.append(traceback.format_exc())
             continue
@@ -917,6 +969,9 @@ def record(sc: Scenario, step: Step) -> Pass:
         state.tracebacks.append(traceback.format_exc())
     if state.stand_ins:
         notes.append(f"{len(state.stand_ins)} values of meta tensors read during the pass; 1 stood in for each")
+    untraced = {r.op: r.note for r in state.ops if r.kind == "vllm op" and r.note.startswith("inner kernels not")}
+    notes += [f"{op}: {why}; the outputs of its fake implementation stand in for its kernels"
+              for op, why in untraced.items()]
     ops_all = _expand(state.ops, p.reps, lambda r: r.module, _renamed)
     outputs = _expand(state.outputs, p.reps, lambda o: o[0], lambda o, a, b: (_rename(o[0], a, b), *o[1:]))
     out = Pass(step, padded, mode_name, ops_all, outputs, notes, stopped, time.perf_counter() - t0,
