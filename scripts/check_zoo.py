@@ -33,6 +33,7 @@ TP = {
     "Mixtral-8x22B-v0.1": 4,
     "Llama-3.1-70B-Instruct": 4,
     "Llama-3.1-70B-Instruct-FP8": 2,
+    "Llama-4-Scout-17B-16E-Instruct": 8,
     "Llama-3.1-8B-Instruct": 1,
     "Qwen2.5-VL-7B-Instruct": 1,
     "tiny-glm-fp8": 1,
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", help="folder under data/models (repeatable; default: all)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
-    from diaglib import versions
+    from diaglib.compat import releases as versions
 
     gpus = args.gpu or list(DEFAULT_GPUS)
     folders = args.model or [d.name for d in model_dirs()]

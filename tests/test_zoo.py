@@ -28,6 +28,7 @@ TP = {
     "Mixtral-8x22B-v0.1": 4,
     "Llama-3.1-70B-Instruct": 4,
     "Llama-3.1-70B-Instruct-FP8": 2,
+    "Llama-4-Scout-17B-16E-Instruct": 8,
 }
 
 
