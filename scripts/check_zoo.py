@@ -23,21 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Tensor-parallel size per folder (only to pick a sensible TP; unknown folders get 1).
-TP = {
-    "DeepSeek-R1": 8,
-    "gpt-oss-120b": 8,
-    "Qwen3-Next-80B-A3B-Thinking": 8,
-    "GLM-4.6-FP8": 8,
-    "DeepSeek-V3.1-NVFP4": 8,
-    "Qwen3-235B-A22B-NVFP4": 4,
-    "Mixtral-8x22B-v0.1": 4,
-    "Llama-3.1-70B-Instruct": 4,
-    "Llama-3.1-70B-Instruct-FP8": 2,
-    "Llama-4-Scout-17B-16E-Instruct": 8,
-    "Llama-3.1-8B-Instruct": 1,
-    "Qwen2.5-VL-7B-Instruct": 1,
-    "tiny-glm-fp8": 1,
-}
+TP = json.loads((ROOT / "data/models/usual-tp.json").read_text())["tp"]
 DEFAULT_GPUS = ("NVIDIA H200", "NVIDIA B200")
 TOKENS = 8192
 

@@ -10,11 +10,12 @@ from diaglib.paths import DATA
 
 _cache: dict[tuple, object] = {}
 
-# The zoo's MoE checkpoints (data/models/NAME) and the TP they are served with here; skipped where missing.
-MOE_ZOO = {"DeepSeek-V3": 8, "DeepSeek-R1": 8, "DeepSeek-R1-FP4": 8, "DeepSeek-V3.1-NVFP4": 8,
-           "Qwen3-235B-A22B-NVFP4": 4, "gpt-oss-120b": 8, "Qwen3-Next-80B-A3B-Instruct": 8,
-           "Qwen3-Next-80B-A3B-Thinking": 8, "Llama-4-Scout-17B-16E-Instruct": 8, "Mixtral-8x22B-Instruct-v0.1": 8,
-           "Mixtral-8x22B-v0.1": 4}
+# The zoo's MoE checkpoints (data/models/NAME), at the TP the zoo serves each with; skipped where missing.
+_TP = json.loads((DATA / "models" / "usual-tp.json").read_text())["tp"]
+MOE_ZOO = {name: _TP.get(name, 8) for name in (
+    "DeepSeek-V3", "DeepSeek-R1", "DeepSeek-R1-FP4", "DeepSeek-V3.1-NVFP4", "Qwen3-235B-A22B-NVFP4", "gpt-oss-120b",
+    "Qwen3-Next-80B-A3B-Instruct", "Qwen3-Next-80B-A3B-Thinking", "Llama-4-Scout-17B-16E-Instruct",
+    "Mixtral-8x22B-Instruct-v0.1", "Mixtral-8x22B-v0.1")}
 GPUS = ("NVIDIA H100 80GB HBM3", "NVIDIA B200")
 DENSE_CFG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
              "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 4,

@@ -17,19 +17,7 @@ MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 FOLDERS = sorted(d.name for d in MODELS.iterdir() if d.is_dir())
 GPU = "NVIDIA H200"
 
-# Only to choose a sensible tensor-parallel size; every folder not named here runs at TP 1.
-TP = {
-    "DeepSeek-R1": 8,
-    "GLM-4.6-FP8": 8,
-    "Qwen3-Next-80B-A3B-Thinking": 8,
-    "gpt-oss-120b": 8,
-    "DeepSeek-V3.1-NVFP4": 8,
-    "Qwen3-235B-A22B-NVFP4": 4,
-    "Mixtral-8x22B-v0.1": 4,
-    "Llama-3.1-70B-Instruct": 4,
-    "Llama-3.1-70B-Instruct-FP8": 2,
-    "Llama-4-Scout-17B-16E-Instruct": 8,
-}
+TP = json.loads((MODELS / "usual-tp.json").read_text())["tp"]  # only to choose a sensible TP (else 1)
 
 
 def config_of(folder: str) -> dict:
