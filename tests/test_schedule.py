@@ -170,6 +170,13 @@ def test_sweep_matches_single_traces_and_reuses_the_scheduler(scenario):
     assert got[(8191, 8193)] == _tokens(fresh)
 
 
+def test_sweep_in_worker_processes_gives_the_same_rows(scenario):
+    knobs = {"max_num_batched_tokens": [8191, 8192]}
+    one = sweep(scenario, range(8185, 8200), knobs, progress=False, workers=1)
+    for workers in (2, 5):  # a share of each setting per worker; more workers than settings split the lengths
+        pd.testing.assert_frame_equal(sweep(scenario, range(8185, 8200), knobs, progress=False, workers=workers), one)
+
+
 def test_sweep_knobs_reach_vllm(scenario):
     df = sweep(scenario, [600], {"enforce_eager": ["off", "on"], "max_cudagraph_capture_size": ["1024"]}, progress=False)
     step = df[df.forward & (df.total_tokens == 600)].set_index("enforce_eager")

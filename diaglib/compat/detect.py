@@ -104,11 +104,18 @@ def _accepted(fn) -> set[str] | None:
     return None
 
 
+@functools.lru_cache(maxsize=512)
+def _signature(fn) -> tuple[inspect.Signature, set[str] | None]:
+    """``fn``'s signature and the keywords it accepts, read once per callable (a sweep calls vLLM's
+    constructors thousands of times)."""
+    return inspect.signature(fn), _accepted(fn)
+
+
 def call(what: str, fn, /, *args, **kwargs):
     """``fn(*args, **kw)`` with only the keyword arguments its signature accepts (a release that lacks a
     parameter does not need it); a required parameter diaglib does not give -> VllmApiMissing naming it."""
     try:
-        sig, accepted = inspect.signature(fn), _accepted(fn)
+        sig, accepted = _signature(fn)
     except (TypeError, ValueError):
         return fn(*args, **kwargs)
     if accepted is not None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import multiprocessing
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -312,12 +314,19 @@ KNOBS = ("max_num_batched_tokens", "chunked_prefill", "max_num_seqs", "enforce_e
          "max_cudagraph_capture_size", "block_size")
 
 
+PARALLEL_MIN_POINTS = 200  # below this a worker process costs more than it saves (the sweep panel replays 25)
+_JOB: dict = {}  # what forked sweep workers read (set before they start; nothing is pickled on the way in)
+
+
 def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, decoders: int = 0,
-          kv_memory_bytes: int | None = None, progress: bool = True) -> pd.DataFrame:
+          kv_memory_bytes: int | None = None, progress: bool = True, workers: int | None = None) -> pd.DataFrame:
     """Single prompts of each length (plus ``decoders`` concurrent decoders) x every combination of knob
     values, one row per (point, step); ``budget`` and ``chunked_prefill_resolved`` say what vLLM made of
     the knobs. Per combination the config is resolved and vLLM's scheduler built once, then reused for every
-    length (prefix-cache hashes computed once, the cache emptied between points: see :class:`Engine`)."""
+    length (prefix-cache hashes computed once, the cache emptied between points: see :class:`Engine`).
+
+    Points are independent: with ``workers`` > 1 (default: the CPU cores, from PARALLEL_MIN_POINTS points on)
+    forked processes take shares of them, each with its own scheduler; the rows are the same, in order."""
     from .. import progress as bar
 
     lengths = [int(x) for x in lengths]
@@ -330,23 +339,54 @@ def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, 
     combos = list(itertools.product(*knobs.values())) or [()]
     workloads = [with_decoders(L, decoders, output_len=output_len) if decoders else single(L, output_len)
                  for L in lengths]
+    settings = []
+    for combo in combos:  # resolved here, where a refusal is reported, and the weights sized (kept) once
+        flags = [f for k, v in zip(knobs, combo) for f in knob_flags(k, v)]
+        try:
+            sc = scenario.derive(*flags) if flags else scenario
+        except DiagError as e:
+            raise DiagError(f"{', '.join(f'{k}={v}' for k, v in zip(knobs, combo))}: {e}") from None
+        if kv_memory_bytes is None:
+            default_kv_memory(sc)
+        settings.append((dict(zip(knobs, combo)), sc))
+    points = len(combos) * len(lengths)
+    if workers is None:
+        workers = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) \
+            if points >= PARALLEL_MIN_POINTS else 1
+    shares = max(1, -(-workers // len(combos)))  # split each setting's lengths so every worker has work
+    size = -(-len(lengths) // shares)
+    units = [(i, j, j + size) for i in range(len(combos)) for j in range(0, len(lengths), size)]
+    _JOB.update(settings=settings, lengths=lengths, workloads=workloads, kv_memory_bytes=kv_memory_bytes)
     rows = []
-    with quiet_gc(), bar.bar(total=len(combos) * len(lengths), desc="sweep", unit="pt", enabled=progress) as b:
-        for combo in combos:
-            flags = [f for k, v in zip(knobs, combo) for f in knob_flags(k, v)]
-            try:
-                sc = scenario.derive(*flags) if flags else scenario
-            except DiagError as e:
-                raise DiagError(f"{', '.join(f'{k}={v}' for k, v in zip(knobs, combo))}: {e}") from None
-            eng = Engine(sc, kv_memory_bytes)
-            sch = eng.cfg.scheduler_config
-            fixed = {**dict(zip(knobs, combo)), "budget": sch.max_num_batched_tokens,
-                     "chunked_prefill_resolved": bool(sch.enable_chunked_prefill)}
-            for L, w in zip(lengths, workloads):
-                steps, _ = eng.run(w)
-                rows += [{**fixed, "prompt_len": L, **r} for r in steps]
-                b.update()
+    try:
+        with quiet_gc(), bar.bar(total=points, desc="sweep", unit="pt", enabled=progress) as b:
+            if workers > 1 and len(units) > 1 and "fork" in multiprocessing.get_all_start_methods():
+                with multiprocessing.get_context("fork").Pool(min(workers, len(units))) as pool:
+                    for (_, a, z), part in zip(units, pool.imap(_sweep_unit, units)):
+                        rows += part
+                        b.update(min(z, len(lengths)) - a)
+            else:
+                for unit in units:
+                    rows += _sweep_unit(unit, b.update)
+    finally:
+        _JOB.clear()
     return pd.DataFrame(rows)
+
+
+def _sweep_unit(unit: tuple[int, int, int], done=None) -> list[dict]:
+    """The rows of one knob setting's lengths[a:z], through a scheduler of its own."""
+    i, a, z = unit
+    fixed, sc = _JOB["settings"][i]
+    eng = Engine(sc, _JOB["kv_memory_bytes"])
+    sch = eng.cfg.scheduler_config
+    fixed = {**fixed, "budget": sch.max_num_batched_tokens, "chunked_prefill_resolved": bool(sch.enable_chunked_prefill)}
+    rows = []
+    for L, w in zip(_JOB["lengths"][a:z], _JOB["workloads"][a:z]):
+        steps, _ = eng.run(w)
+        rows += [{**fixed, "prompt_len": L, **r} for r in steps]
+        if done:
+            done()
+    return rows
 
 
 # --- parsing and text -------------------------------------------------------------------------------
