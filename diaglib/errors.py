@@ -33,6 +33,13 @@ def vllm_refusal(exc: BaseException) -> str | None:
         # model's preprocessor_config.json: a property of the user's folder, said in one line.
         text = " ".join(str(exc).split())[:300]
         return f"vLLM could not read the model's files: {text} ({last.name}:{frames[-1].lineno})"
+    importing = [f for f in frames if f.name == "<module>" and Path(f.filename).resolve().is_relative_to(top)]
+    if importing and isinstance(exc, (TypeError, SyntaxError, ImportError, AttributeError, NameError)):
+        # one of vLLM's own modules does not import here (e.g. syntax of a newer Python than this one)
+        rel = Path(importing[-1].filename).resolve().relative_to(top).as_posix()
+        text = " ".join(str(exc).split())[:300]
+        return (f"vLLM cannot import its module vllm/{rel}:{importing[-1].lineno} on Python "
+                f"{sys.version.split()[0]}: {type(exc).__name__}: {text}")
     if not last.is_relative_to(top):
         return None
     resolving = any(f.name in _RESOLVING and f.filename.endswith("scenario.py") for f in ours)

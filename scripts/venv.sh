@@ -3,7 +3,8 @@
 #   scripts/venv.sh 0.20.2            -> .venvs/vllm-0.20.2: vLLM (envs/vllm-0.20.2.txt) + diaglib[dev], editable
 #   scripts/venv.sh --remove 0.24.0   -> delete it and empty uv's cache (the matrix does this as it goes)
 # Dependencies resolve as of the date in the file's "# exclude-newer:" line (a week after that release), so an
-# old vLLM gets the libraries it was released with. uv hard-links from its cache: a second environment with
+# old vLLM gets the libraries it was released with; a "# python: X.Y" line picks the interpreter (uv finds or
+# fetches it). uv hard-links from its cache: a second environment with
 # the same torch costs seconds and little disk. A rerun does nothing unless envs/ or pyproject.toml changed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +24,8 @@ WANT=$(cat "$REQ" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then exit 0; fi
 start=$(date +%s)
 DATE=$(sed -n 's/^# exclude-newer: *//p' "$REQ")
-[ -x "$VENV/bin/python" ] || "$UV" venv -q --python "${PYTHON:-python3}" "$VENV"
+WANT_PY=$(sed -n 's/^# python: *//p' "$REQ")  # a release that needs a newer Python than python3 names it
+[ -x "$VENV/bin/python" ] || "$UV" venv -q --python "${PYTHON:-${WANT_PY:-python3}}" "$VENV"
 LOG="$VENV/install.log"
 if ! VIRTUAL_ENV="$VENV" "$UV" pip install ${DATE:+--exclude-newer "$DATE"} -r "$REQ" -e "$ROOT[dev]" >"$LOG" 2>&1; then
   tail -40 "$LOG" >&2; echo "venv: uv failed (full log: $LOG)" >&2; exit 1

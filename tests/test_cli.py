@@ -83,3 +83,19 @@ def test_vllm_own_checks_and_unreadable_model_files_are_refusals():
     assert r.startswith("vLLM could not read the model's files: Can't load image processor")
     assert vllm_refusal(_raised_in_vllm(OSError("disk"), calls_through_vllm=False)) is None
     assert vllm_refusal(_raised_in_vllm(KeyError("x"))) is None  # not one of vLLM's checks: diaglib's fault
+
+
+def test_a_vllm_module_that_does_not_import_here_is_one_line():
+    import vllm
+    from pathlib import Path
+
+    from diaglib.errors import vllm_refusal
+
+    where = str(Path(next(iter(vllm.__path__))) / "distributed" / "planted_module.py")
+    try:  # a module body using syntax of a newer Python, as vLLM 0.27.1's fd_exchange.py does on 3.11
+        exec(compile("import array\nx: array.array[int] = None\nraise TypeError(\"type 'array.array' is not "
+                     "subscriptable\")\n", where, "exec"), {"__name__": "planted"})
+    except TypeError as e:
+        r = vllm_refusal(e)
+    assert r.startswith("vLLM cannot import its module vllm/distributed/planted_module.py:3 on Python ")
+    assert r.endswith("TypeError: type 'array.array' is not subscriptable")
