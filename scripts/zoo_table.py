@@ -55,7 +55,9 @@ def _crossings(folder: Path, tp: int) -> dict:
             first.append({k: c[k] for k in ("family", "module", "op", "role", "formula", "tokens", "runs_as")})
         if len(first) == 3:
             break
-    return {"status": "ok", "first": first}
+    gaps = [n.split(":", 1)[0] + ": " + n.split("(", 1)[-1].split(")", 1)[0]
+            for n in r["json"].get("notes") or [] if "inner kernels not traced" in n]
+    return {"status": "ok", "first": first, "not_traced": gaps}
 
 
 def collect() -> dict:
@@ -101,15 +103,17 @@ def render(results: list[dict]) -> str:
                            f"{_cell(ranges)} | {_cell(f['cudagraph_mode'])} | "
                            f"{f['capture_sizes']} (max {f['max_capture_size']}) |")
     out += ["", "## The first three op sites to cross a limit (census, per TP rank)", "",
-            "| model | TP | vLLM | 1st | 2nd | 3rd |", "|---|---|---|---|---|---|"]
+            "| model | TP | vLLM | 1st | 2nd | 3rd | ops whose kernels the census could not trace |",
+            "|---|---|---|---|---|---|---|"]
     for res in results:
         for m in res["models"]:
             c = m.get("crossings") or {}
             if c.get("status") != "ok":
-                cells = [f"{c.get('status', 'not run')}: {_cell(c.get('reason'))}", "", ""]
+                cells = [f"{c.get('status', 'not run')}: {_cell(c.get('reason'))}", "", "", ""]
             else:
                 cells = [f"{x['tokens']:,}: {x['module'] or '(runner)'} {x['op']} {x['role']} [{x['formula']}]"
                          for x in c["first"]] + ["none"] * (3 - len(c["first"]))
+                cells.append("; ".join(c.get("not_traced") or []) or "none")
             out.append(f"| {m['model']} | {m['tp']} | {res['vllm']} | " + " | ".join(_cell(x) for x in cells) + " |")
     return "\n".join(out) + "\n"
 
