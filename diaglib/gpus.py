@@ -23,6 +23,14 @@ class GpuSpec:
     def memory_bytes(self) -> int:
         return self.memory_mib * 1024 * 1024
 
+    @property
+    def shared_memory_per_block_optin(self) -> int:
+        """The most shared memory one block may opt in to, by compute capability (CUDA C++ Programming Guide,
+        "Technical Specifications per Compute Capability": 163 KB on 8.0, 227 KB on 9.0 and 10.x, 99 KB on
+        8.6, 8.7, 8.9 and 12.x); kernels size their tiles by it (Triton's MXFP4 MoE matmul asks torch)."""
+        kb = {(8, 0): 163, (9, 0): 227, (10, 0): 227, (10, 3): 227}.get(tuple(self.capability), 99)
+        return kb * 1024
+
 
 @cache
 def catalog() -> dict[str, dict]:

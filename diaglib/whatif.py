@@ -238,6 +238,8 @@ def _patch_torch() -> None:
             self.name, self.total_memory = gpu.name, gpu.memory_bytes
             self.major, self.minor = gpu.capability
             self.multi_processor_count = gpu.sms
+            self.shared_memory_per_block_optin = gpu.shared_memory_per_block_optin
+            self.warp_size = 32
 
     cuda = torch.cuda
     cuda._device_count_nvml = lambda: _active.count

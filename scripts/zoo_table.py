@@ -55,8 +55,9 @@ def _crossings(folder: Path, tp: int) -> dict:
             first.append({k: c[k] for k in ("family", "module", "op", "role", "formula", "tokens", "runs_as")})
         if len(first) == 3:
             break
-    gaps = [n.split(":", 1)[0] + ": " + n.split("(", 1)[-1].split(")", 1)[0]
-            for n in r["json"].get("notes") or [] if "inner kernels not traced" in n]
+    gaps = [n.split(": inner kernels not traced (", 1)[0] + ": " +
+            n.split(": inner kernels not traced (", 1)[1].rsplit("); the outputs", 1)[0][:120]
+            for n in r["json"].get("notes") or [] if ": inner kernels not traced (" in n]
     return {"status": "ok", "first": first, "not_traced": gaps}
 
 
