@@ -23,11 +23,12 @@ GPUS = ("NVIDIA H100", "NVIDIA B200")
 BUDGET = 8192
 
 
-def _show(folder: Path, tp: int, gpu: str) -> dict:
+def _ask(command: str, folder: Path, tp: int, gpu: str) -> dict:
+    """One diaglib command on the folder at TP ``tp`` (contract.run_cli: in-process, status and JSON)."""
     from contract import run_cli
 
     cmd = f"vllm serve {folder} -tp {tp} --max-num-batched-tokens {BUDGET}"
-    return run_cli(["show", "--cmd", cmd, "--gpu", gpu, "--gpu-count", "8", "--json"])
+    return run_cli([command, "--cmd", cmd, "--gpu", gpu, "--gpu-count", "8", "--json"])
 
 
 def _facts(j: dict) -> dict:
@@ -40,10 +41,7 @@ def _facts(j: dict) -> dict:
 
 
 def _crossings(folder: Path, tp: int) -> dict:
-    from contract import run_cli
-
-    cmd = f"vllm serve {folder} -tp {tp} --max-num-batched-tokens {BUDGET}"
-    r = run_cli(["kernels", "--cmd", cmd, "--gpu", GPUS[0], "--gpu-count", "8", "--json"])
+    r = _ask("kernels", folder, tp, GPUS[0])
     if r["status"] != "ok":
         return {"status": r["status"], "reason": r.get("reason")}
     rows = sorted((c for c in r["json"].get("crossings") or [] if c.get("tokens")), key=lambda c: c["tokens"])
@@ -69,10 +67,10 @@ def collect() -> dict:
     folders = sorted(p for p in (ROOT / "data/models").iterdir() if (p / "config.json").is_file())
     for folder in bar(folders, desc="zoo models", unit="model"):
         tp = TP.get(folder.name, 1)
-        first = _show(folder, tp, GPUS[0])
+        first = _ask("show", folder, tp, GPUS[0])
         row = {"model": folder.name, "tp": tp, "gpus": {}}
         for gpu in GPUS:
-            r = first if gpu == GPUS[0] else _show(folder, tp, gpu)
+            r = first if gpu == GPUS[0] else _ask("show", folder, tp, gpu)
             row["gpus"][gpu] = (_facts(r["json"]) if r["status"] == "ok" else
                                 {"status": r["status"], "reason": r.get("reason")})
         row["crossings"] = _crossings(folder, tp) if first["status"] == "ok" else None

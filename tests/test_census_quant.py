@@ -11,17 +11,22 @@ from diaglib.predict import census
 from test_census import _buildable, _linear_outputs_are_tokens_by_output_size
 
 
-def test_weights_processed_on_meta_for_an_nvfp4_checkpoint():
-    """ModelOpt NVFP4 (hf_quant_config.json beside config.json): vLLM's process_weights_after_loading asks
-    torch.unique, boolean-mask indexing and allclose of weight scales, which have no meta answer."""
+def _scenario(cmd: str, gpus: int):
+    """The checkpoint resolved on H100s and built on meta, or a skip naming vLLM's refusal."""
     from diaglib.scenario import load
 
     try:
-        sc = load(cmd="vllm serve data/models/Qwen3-235B-A22B-NVFP4 -tp 2 --max-num-batched-tokens 8192",
-                  gpu="NVIDIA H100", gpu_count=2)
+        sc = load(cmd=cmd, gpu="NVIDIA H100", gpu_count=gpus)
     except DiagError as e:
         pytest.skip(f"vLLM {compat.installed()} refuses the checkpoint: {e}")
     _buildable(sc)
+    return sc
+
+
+def test_weights_processed_on_meta_for_an_nvfp4_checkpoint():
+    """ModelOpt NVFP4 (hf_quant_config.json beside config.json): vLLM's process_weights_after_loading asks
+    torch.unique, boolean-mask indexing and allclose of weight scales, which have no meta answer."""
+    sc = _scenario("vllm serve data/models/Qwen3-235B-A22B-NVFP4 -tp 2 --max-num-batched-tokens 8192", 2)
     try:
         census.prepare(sc)
     except DiagError as e:
@@ -35,14 +40,7 @@ def test_weights_processed_on_meta_for_an_nvfp4_checkpoint():
 def test_mxfp4_experts_kernels_are_traced():
     """gpt-oss's MXFP4 experts on Hopper run Triton's matmul_ogs, which sizes its tiles by the device's
     opt-in shared memory: the census traces them, and their output is N x top_k x hidden."""
-    from diaglib.scenario import load
-
-    try:
-        sc = load(cmd="vllm serve data/models/gpt-oss-120b -tp 8 --max-num-batched-tokens 8192",
-                  gpu="NVIDIA H100", gpu_count=8)
-    except DiagError as e:
-        pytest.skip(f"vLLM {compat.installed()} refuses the checkpoint: {e}")
-    _buildable(sc)
+    sc = _scenario("vllm serve data/models/gpt-oss-120b -tp 8 --max-num-batched-tokens 8192", 8)
     p = census.record(sc, census.prefill(4096))
     assert p.stopped is None, p.stopped
     stale = [n for n in p.notes if "not traced (TypeError: " in n and "_fake() takes" in n]
