@@ -9,6 +9,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 UV=${UV:-$(command -v uv || echo "$ROOT/.venvs/tools/bin/uv")}
+# uv's cache beside the environments, so its hard links always work (a cache on another file system makes uv
+# copy every file: twice the disk)
+export UV_CACHE_DIR=${UV_CACHE_DIR:-$ROOT/.venvs/.uv-cache} UV_LINK_MODE=${UV_LINK_MODE:-hardlink}
 if [ "${1:-}" = "--remove" ]; then
   rm -rf "$ROOT/.venvs/vllm-${2:?usage: scripts/venv.sh --remove VLLM_VERSION}"
   "$UV" cache clean >/dev/null 2>&1 || true  # the files live on in the other environments (hard links)

@@ -51,7 +51,10 @@ def test_kernel_is_the_scenarios_vllm_environment():
     assert report.wanted_version(report.parameters("seed-vllm-0.10.1.1")) == "0.10.1.1"
     assert report.wanted_version(report.parameters("default")) == compat.installed()  # the default pins none
     assert report.wanted_version(report.parameters("default", vllm="0.10.1.1")) == "0.10.1.1"
-    py = report.kernel_python(report.parameters("seed-vllm-0.10.1.1"))
+    try:
+        py = report.kernel_python(report.parameters("seed-vllm-0.10.1.1"))
+    except DiagError as e:  # the seed's environment is not installed here (a tight disk: noxfile.py)
+        pytest.skip(str(e))
     out = subprocess.run([str(py), "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "0.10.1.1"
