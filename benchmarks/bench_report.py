@@ -27,15 +27,14 @@ from diaglib.paths import DATA  # noqa: E402
 
 
 def synthetic_records(dest: Path, copies: int) -> int:
-    """Every committed store under data/live, ``copies`` times (runs renamed), with the folders beside it."""
+    """Every committed store under data/live, ``copies`` times (runs renamed), beside a copy of everything else
+    there (model folders, kernel tables, logs: what the records point to)."""
+    live = DATA / "live"
+    shutil.copytree(live, dest, ignore=shutil.ignore_patterns("*.jsonl"), dirs_exist_ok=True)
     n = 0
-    for store in sorted((DATA / "live").glob("**/*.jsonl")):
-        folder = dest / store.parent.relative_to(DATA / "live")
-        folder.mkdir(parents=True, exist_ok=True)
-        if (store.parent / "models").is_dir() and not (folder / "models").exists():
-            shutil.copytree(store.parent / "models", folder / "models")
+    for store in sorted(live.glob("**/*.jsonl")):
         records = [json.loads(line) for line in store.read_text().splitlines() if line.strip()]
-        with open(folder / store.name, "w") as f:
+        with open(dest / store.relative_to(live), "w") as f:
             for i in range(copies):
                 for r in records:
                     if "run" in r:

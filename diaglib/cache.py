@@ -126,7 +126,12 @@ def environment() -> dict:
 def model_files(folder: str | Path) -> dict[str, str]:
     """{file name: content hash} of the JSON files of a model folder (config.json and those beside it)."""
     d = Path(folder)
-    return {f.name: _sha(f.read_bytes())[:20] for f in sorted(d.glob("*.json")) if f.is_file()}
+    return {f.name: file_hash(f) for f in sorted(d.glob("*.json")) if f.is_file()}
+
+
+def file_hash(path: str | Path) -> str:
+    """The content hash of one file (a record's data that lives beside its store)."""
+    return _sha(Path(path).read_bytes())[:20]
 
 
 def key(namespace: str, parts: dict) -> str:

@@ -4,11 +4,12 @@ backends and memory against `diaglib show` / memory, and the fault hunt against 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from diaglib import compat
+from diaglib import cache, compat
 from diaglib.live import classify, compare, kernels, store
 from diaglib.paths import DATA
 
@@ -48,6 +49,30 @@ def test_deepseek_prefill_kernels_match_the_census():
     foreseen = k[k["foreseen"]]
     assert {"_C::per_token_group_fp8_quant", "_vllm_fa3_C::fwd"} <= set(foreseen["op"])  # block FP8, MLA on FA3
     assert foreseen["name"].str.fullmatch("fused_moe_kernel").any()  # Triton experts, as predicted
+
+
+def test_a_kept_kernel_comparison_is_the_one_computed(tmp_path, monkeypatch):
+    """The report keeps each probe's comparison in diaglib's cache: what comes back is what the census and the
+    matching give, and a changed kernel table is compared afresh."""
+    import pandas as pd
+
+    monkeypatch.setenv("DIAGLIB_CACHE_DIR", str(tmp_path / "cache"))
+    path = R / "glm" / "live.jsonl"
+    r = next(r for r in kernels.profiled(path) if r["key"] == "profile-run")
+    rows, k, m = kernels._compare_probe(path, r, kernels._engine_of(path, r), None)
+    for _ in range(2):  # computed and kept, then read back
+        summary, k2, m2 = kernels.compare(path, key="profile-run")
+        assert summary.to_dict("records") == rows
+        pd.testing.assert_frame_equal(k2, k, check_dtype=False)
+        pd.testing.assert_frame_equal(m2, m, check_dtype=False)
+    assert cache.info()["by_namespace"] == {"kernels": 1}
+    copy = tmp_path / "glm"
+    shutil.copytree(R / "glm", copy)
+    table = copy / r["kernel_file"]
+    t = kernels.read(table)
+    kernels.write(t[t.groupby("step").cumcount() < 5], table)  # five kernels a step
+    assert (kernels.compare(copy / "live.jsonl", key="profile-run")[0]["kernels"] == 5).all()
+    assert cache.info()["by_namespace"] == {"kernels": 2}
 
 
 @pytest.mark.parametrize("part", ["glm", "deepseek"])

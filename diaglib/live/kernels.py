@@ -315,8 +315,12 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
     ``summary``: one row per step: run, key, step, census (the census step), padded and cudagraph (census),
     observed_mode and observed_tokens (the forward pass as recorded), kernels, foreseen, unforeseen, predicted,
     paired (predicted ops a kernel paired with), fused, not_launched, grids_predicted, grids_equal, gpu_us.
-    ``kernels`` / ``missing``: :func:`match`'s tables of every step, with run, key and step."""
-    from .. import compat
+    ``kernels`` / ``missing``: :func:`match`'s tables of every step, with run, key and step.
+
+    Each probe's comparison is kept in diaglib's cache (under its records, its kernel table, the engine's model
+    files and the environment), so a report redoes no census for a record it has compared before."""
+    from .. import cache
+    from .compare import local_command
 
     store_path = Path(store_path)
     rows, ks, ms = [], [], []
@@ -324,29 +328,63 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
         if key is not None and r["key"] != key:
             continue
         eng = _engine_of(store_path, r)
-        with compat.vllm_env(_settings(eng)):  # the census under the settings the engine ran with
-            predicted = _predicted(store_path, eng, r, steps)
-        table = read(store_path.parent / r["kernel_file"])
-        forwards = [f for f in r.get("forwards") or []]
-        for i, step, p, lk in predicted:
-            obs = table[table["step"] == i]
-            k, m = match(obs, lk)
-            f = forwards[i] if step.kind != "profile" and i < len(forwards) else {}
-            checked = k["grid_equal"].dropna()
-            rows.append({"run": r["run"], "key": r["key"], "step": i, "census": step.label(), "padded": p.padded,
-                         "cudagraph": p.cudagraph, "observed_mode": f.get("mode"),
-                         "observed_tokens": f.get("num_tokens"), "kernels": len(k),
-                         "foreseen": int(k["foreseen"].sum()), "unforeseen": int((~k["foreseen"]).sum()),
-                         "predicted": len(lk), "paired": len(lk) - len(m),
-                         "fused": int(m["fused"].sum()), "not_launched": int((~m["fused"]).sum()),
-                         "grids_predicted": len(checked), "grids_equal": int(checked.astype(bool).sum()),
-                         "gpu_us": round(float(obs["dur_us"].sum()), 1)})
-            ks.append(k.assign(run=r["run"], key=r["key"]))
-            ms.append(m.assign(run=r["run"], key=r["key"], step=i))
+        command = local_command(eng["spec"], store_path.parent)
+        parts = {"record": r, "engine": eng, "steps": steps, "models": cache.command_models(command, {}),
+                 "table": cache.file_hash(store_path.parent / r["kernel_file"])}
+        kept = cache.memo("kernels", parts, lambda: _json(*_compare_probe(store_path, r, eng, steps)))
+        rows += kept["summary"]
+        ks.append(_frame(kept["kernels"]))
+        ms.append(_frame(kept["missing"]))
     if not rows:
         raise DiagError(f"no profiled probe with a kernel table in {store_path}"
                         + (f" for run {run!r}" if run else "") + (f" key {key!r}" if key else ""))
     return pd.DataFrame(rows), pd.concat(ks, ignore_index=True), pd.concat(ms, ignore_index=True)
+
+
+_TUPLES = ("grid", "block", "predicted_grid")  # columns of (x, y, z) tuples, lists once kept as JSON
+
+
+def _json(summary: list[dict], k: pd.DataFrame, m: pd.DataFrame) -> dict:
+    def table(df: pd.DataFrame) -> dict:
+        return {"columns": list(df.columns), "data": json.loads(df.to_json(orient="values"))}
+
+    return {"summary": summary, "kernels": table(k), "missing": table(m)}
+
+
+def _frame(kept: dict) -> pd.DataFrame:
+    df = pd.DataFrame(kept["data"], columns=kept["columns"])
+    for c in _TUPLES:
+        if c in df:
+            df[c] = df[c].map(lambda g: tuple(g) if isinstance(g, list) else None)
+    return df
+
+
+def _compare_probe(store_path: Path, r: dict, eng: dict,
+                   steps: list[int] | None) -> tuple[list[dict], pd.DataFrame, pd.DataFrame]:
+    """One profiled probe's comparison: summary rows, kernels and missing tables."""
+    from .. import compat
+
+    with compat.vllm_env(_settings(eng)):  # the census under the settings the engine ran with
+        predicted = _predicted(store_path, eng, r, steps)
+    table = read(store_path.parent / r["kernel_file"])
+    forwards = [f for f in r.get("forwards") or []]
+    rows, ks, ms = [], [], []
+    for i, step, p, lk in predicted:
+        obs = table[table["step"] == i]
+        k, m = match(obs, lk)
+        f = forwards[i] if step.kind != "profile" and i < len(forwards) else {}
+        checked = k["grid_equal"].dropna()
+        rows.append({"run": r["run"], "key": r["key"], "step": i, "census": step.label(), "padded": p.padded,
+                     "cudagraph": p.cudagraph, "observed_mode": f.get("mode"),
+                     "observed_tokens": f.get("num_tokens"), "kernels": len(k),
+                     "foreseen": int(k["foreseen"].sum()), "unforeseen": int((~k["foreseen"]).sum()),
+                     "predicted": len(lk), "paired": len(lk) - len(m),
+                     "fused": int(m["fused"].sum()), "not_launched": int((~m["fused"]).sum()),
+                     "grids_predicted": len(checked), "grids_equal": int(checked.astype(bool).sum()),
+                     "gpu_us": round(float(obs["dur_us"].sum()), 1)})
+        ks.append(k.assign(run=r["run"], key=r["key"]))
+        ms.append(m.assign(run=r["run"], key=r["key"], step=i))
+    return rows, pd.concat(ks, ignore_index=True), pd.concat(ms, ignore_index=True)
 
 
 def _predicted(store_path: Path, eng: dict, record: dict, steps: list[int] | None) -> list[tuple]:
