@@ -11,15 +11,18 @@ An answer is kept under a key made of:
   command names (config.json and what vLLM reads beside it).
 
 Entries are JSON files under :func:`root` (``$DIAGLIB_CACHE_DIR``, else ``$XDG_CACHE_HOME/diaglib``, else
-``~/.cache/diaglib``), in ``answers/``. Only successful answers are stored; a corrupt entry counts as a miss.
+``~/.cache/diaglib``), in ``answers/``; a value that is no JSON (a notebook's DataFrame) is kept pickled inside
+one (the cache is the user's own, like joblib's). Only successful answers are stored; a corrupt entry counts as a miss.
 Subcommands declare themselves with :func:`cacheable`; library code keeps results with :func:`memo`.
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -61,9 +64,11 @@ def _sha(data: bytes | str) -> str:
 
 @functools.cache
 def source_hash() -> str:
-    """A hash of diaglib's own source and the data catalogs its answers read (GPUs, known issues)."""
+    """A hash of diaglib's own source and the data its answers read: the catalogs (GPUs, known issues) and the
+    model zoo's files (a log or a scenario may name a zoo model by its Hub name)."""
     h = hashlib.sha256()
-    files = sorted((ROOT / "diaglib").rglob("*.py")) + sorted(DATA.glob("*.json"))
+    files = sorted((ROOT / "diaglib").rglob("*.py")) + sorted(DATA.glob("*.json")) + sorted(
+        (DATA / "models").glob("*/*.json"))
     for f in files:
         h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
@@ -141,21 +146,36 @@ def key(namespace: str, parts: dict) -> str:
     return _sha(blob)
 
 
-def command_models(command: str, models: dict[str, str]) -> dict[str, dict[str, str]]:
-    """Every model folder a serve command may name: {resolved folder: model_files} for each word of it that
-    is a model folder (a scenario mapping, a local path or data/models/NAME), as scenario.load looks them up."""
+def _model_words(command: str, models: dict[str, str]) -> tuple[list[str], list[tuple[int, str, Path]]]:
+    """The serve argv, and (index, word, resolved folder) for each word of it that is a model folder (a scenario
+    mapping, a local path or data/models/NAME), as scenario.load looks them up."""
     from .errors import DiagError
     from .scenario import resolve_model_dir, serve_argv
 
-    found = {}
-    for word in serve_argv(command)[1:]:
+    argv, found = serve_argv(command), []
+    for i, word in enumerate(argv[1:], 1):
         for w in {word, word.partition("=")[2]} - {""}:
             try:
-                d = resolve_model_dir(w, models)
+                found.append((i, w, resolve_model_dir(w, models)))
             except (DiagError, OSError, ValueError):
                 continue
-            found[str(d)] = model_files(d)
-    return found
+    return argv, found
+
+
+def command_models(command: str, models: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Every model folder a serve command may name: {resolved folder: model_files}."""
+    return {str(d): model_files(d) for _, _, d in _model_words(command, models)[1]}
+
+
+def command_content(command: str, models: dict[str, str] | None = None) -> dict:
+    """A serve command as key parts that do not depend on where its model folders lie: the argv with each word
+    naming a model folder replaced by the hash of that folder's files. Records copied elsewhere, with their
+    model folders, find the answers kept for them."""
+    argv, found = _model_words(command, models or {})
+    argv = list(argv)
+    for i, w, d in found:
+        argv[i] = argv[i].replace(w, "model-files:" + _sha(json.dumps(model_files(d), sort_keys=True))[:20])
+    return {"argv": argv}
 
 
 def question(args, exclude: tuple[str, ...] = ()) -> dict | None:
@@ -204,38 +224,50 @@ def get(k: str) -> Any | None:
     """The stored value under key ``k``, or None."""
     try:
         entry = json.loads(_path(k).read_text())
-        return entry["value"] if entry.get("format") == FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError):
+        if entry.get("format") != FORMAT:
+            return None
+        if entry.get("codec") == "pickle":
+            return pickle.loads(base64.b64decode(entry["value"]))
+        return entry["value"]
+    except Exception:  # unreadable, corrupt, or pickled by code that has changed since: a miss
         return None
 
 
-def put(k: str, value: Any, about: dict | None = None) -> None:
-    """Store a JSON-ready ``value`` under ``k`` (atomically; a full disk or a read-only cache is no error)."""
+def put(k: str, value: Any, about: dict | None = None, *, pickled: bool = False) -> None:
+    """Store ``value`` under ``k``: JSON-ready, or any picklable object with ``pickled`` (atomically; a full disk,
+    a read-only cache or an unpicklable value is no error)."""
     path = _path(k)
     try:
+        stored = base64.b64encode(pickle.dumps(value)).decode() if pickled else value
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"format": FORMAT, "created": time.time(), "about": about or {}, "value": value},
-                          default=str)
+        text = json.dumps({"format": FORMAT, "created": time.time(), "about": about or {},
+                           "codec": "pickle" if pickled else "json", "value": stored}, default=str)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, pickle.PicklingError, TypeError, AttributeError):
         pass
 
 
-def memo(namespace: str, parts: dict, compute: Callable[[], Any], *, enabled: bool = True) -> Any:
+def memo(namespace: str, parts: dict, compute: Callable[[], Any], *, enabled: bool = True,
+         pickled: bool = False) -> Any:
     """``compute()`` (JSON-ready), kept under ``namespace`` + ``parts`` + this environment; the value comes back
-    as JSON gives it (tuples as lists), hit or miss. ``enabled=False``: computed, not kept. DIAGLIB_NO_CACHE=1
-    (what ``--no-cache`` sets): computed afresh, and kept."""
+    as JSON gives it (tuples as lists), hit or miss. ``pickled``: any picklable value (DataFrames), returned as
+    computed. ``enabled=False``: computed, not kept. DIAGLIB_NO_CACHE=1 (what ``--no-cache`` sets): computed
+    afresh, and kept."""
+    def fresh():
+        value = compute()
+        return value if pickled else json.loads(json.dumps(value, default=str))  # what a later hit returns
+
     if not enabled:
-        return json.loads(json.dumps(compute(), default=str))
-    k = key(namespace, parts)
+        return fresh()
+    k = key(namespace, {**parts, "pickled": True} if pickled else parts)
     hit = None if os.environ.get("DIAGLIB_NO_CACHE") else get(k)
     if hit is not None:
         return hit
-    value = json.loads(json.dumps(compute(), default=str))  # what a later hit returns, to the type
-    put(k, value, {"namespace": namespace, "parts": parts, "environment": environment()})
+    value = fresh()
+    put(k, value, {"namespace": namespace, "parts": parts, "environment": environment()}, pickled=pickled)
     return value
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,13 @@ class Scenario:
     def verified(self) -> bool:
         """Whether this vLLM version is one diaglib's tests cover."""
         return compat.is_verified(self.vllm_version)
+
+    def key_parts(self) -> dict:
+        """What decides an answer about this scenario besides diaglib's environment (diaglib.cache): its name,
+        its command with each model folder by its files, and the GPU."""
+        from . import cache
+
+        return {"name": self.name, **cache.command_content(self.command, self.models), "gpu": asdict(self.gpu)}
 
     def derive(self, *flags: str, name: str | None = None) -> "Scenario":
         """The same scenario with serve flags appended (later flags win, as on vLLM's command line)."""

@@ -267,3 +267,24 @@ def test_an_architecture_vllm_does_not_know_is_its_reason_in_one_line(tmp_path):
     with pytest.raises(DiagError) as e:
         layers.build_model(load(cmd=f"vllm serve {tmp_path} --max-model-len 4096", gpu=GPUS[0], gpu_count=1))
     assert "\n" not in str(e.value) and "NoSuchModelForCausalLM" in str(e.value)
+
+
+def test_a_quantization_vllm_applies_to_no_layer_of_a_folder_without_weights_is_said(tmp_path):
+    """A GPTQ config without `modules_in_block_to_quantize`: vLLM's GPTQ-Marlin config takes the quantized layers
+    from the checkpoint's safetensors headers; a config-only folder has none, so vLLM builds every linear layer
+    unquantized, and show says so instead of passing for a quantized model."""
+    from diaglib.predict import architecture
+    from diaglib.scenario import load
+
+    cfg = json.loads((MODELS / "Llama-3.1-8B-Instruct" / "config.json").read_text())
+    cfg.update(num_hidden_layers=2, torch_dtype="float16", quantization_config={
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    sc = load(cmd=f"vllm serve {tmp_path} --max-model-len 4096", gpu=GPUS[0], gpu_count=1)
+    f = architecture.facts(sc)
+    methods = {m["method"] for m in f["linear_methods"]}
+    said = [text for label, text in architecture.format_lines(f) if "unquantized although" in text]
+    if methods == {"UnquantizedLinearMethod"}:
+        assert f["quantization"] and len(said) == 1 and f["quantization"] in said[0]
+    else:  # a vLLM that quantizes every layer of a folder without weights
+        assert not said and not architecture.unquantized_despite_config(f)

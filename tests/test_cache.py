@@ -225,6 +225,39 @@ def test_memo_keeps_json_and_refreshes_under_no_cache(monkeypatch, tmp_path):
     assert len(calls) == 3
 
 
+def test_memo_keeps_a_pickled_value_as_computed(monkeypatch, tmp_path):
+    import pandas as pd
+
+    monkeypatch.setenv("DIAGLIB_CACHE_DIR", str(tmp_path))
+    df = pd.DataFrame({"grid": [(1, 2, 3), None], "tokens": [8192, None]})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return df
+
+    for _ in range(2):
+        pd.testing.assert_frame_equal(cache.memo("t", {"a": 1}, compute, pickled=True), df)
+    assert len(calls) == 1
+    assert cache.memo("t", {"a": 1}, lambda: {"not": "pickled"}) == {"not": "pickled"}, "JSON and pickle keys differ"
+    entry = next((tmp_path / "answers").rglob("*.json"))
+    entry.write_text(entry.read_text().replace('"value": "', '"value": "x'))  # pickled bytes no longer load
+    cache.memo("t", {"a": 1}, compute, pickled=True)
+    assert len(calls) == 2, "an entry that does not unpickle is a miss"
+
+
+def test_a_command_by_content_is_the_same_wherever_its_model_lies(tmp_path):
+    a, b = tmp_path / "a" / "m", tmp_path / "b" / "m"
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    ka, kb = (cache.command_content(f"vllm serve {d} -tp 2") for d in (a, b))
+    assert ka == kb and str(a) not in str(ka)
+    assert ka != cache.command_content(f"vllm serve {a} -tp 4")
+    (b / "hf_quant_config.json").write_text("{}")
+    assert cache.command_content(f"vllm serve {b} -tp 2") != ka, "a file beside config.json is part of it"
+
+
 # --- a hit is quick and imports no vLLM ----------------------------------------------------------------
 
 def test_a_kept_answer_is_served_without_importing_vllm(tmp_path):

@@ -13,7 +13,7 @@ ZOO = {  # architecture kind -> (serve command, GPU, GPU count)
     "moe": ("vllm serve data/models/tiny-glm-fp8 --enable-chunked-prefill --max-num-batched-tokens 8192",
             "NVIDIA H200", 1),
     "dense": ("vllm serve data/models/Llama-3.1-8B-Instruct --max-num-batched-tokens 131072", "NVIDIA H200", 1),
-    "mla": ("vllm serve data/models/DeepSeek-R1 -tp 8 --max-num-batched-tokens 16384", "NVIDIA H200", 8),
+    "mla": ("vllm serve data/models/DeepSeek-V3 -tp 8 --max-num-batched-tokens 16384", "NVIDIA H200", 8),
     "hybrid": ("vllm serve data/models/Qwen3-Next-80B-A3B-Thinking -tp 4 --max-num-batched-tokens 16384",
                "NVIDIA H200", 4),
 }

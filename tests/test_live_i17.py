@@ -76,6 +76,27 @@ def test_a_kept_kernel_comparison_is_the_one_computed(tmp_path, monkeypatch):
     assert cache.info()["by_namespace"] == {"kernels": 2}
 
 
+def test_a_copy_of_the_records_elsewhere_finds_the_kept_comparison(tmp_path, monkeypatch):
+    """Kept comparisons are keyed by what the records show, not by where they lie or what their run is called
+    (the report's benchmark copies them ten times): a renamed copy is served the kept answer, under its own name."""
+    import json
+
+    import pandas as pd
+
+    monkeypatch.setenv("DIAGLIB_CACHE_DIR", str(tmp_path / "cache"))
+    first = kernels.compare(R / "glm" / "live.jsonl", key="profile-run")
+    copy = tmp_path / "elsewhere" / "glm"
+    shutil.copytree(R / "glm", copy)
+    lines = [json.loads(x) for x in (copy / "live.jsonl").read_text().splitlines() if x.strip()]
+    (copy / "live.jsonl").write_text("".join(json.dumps({**r, "run": r["run"] + "-copy"} if "run" in r else r) + "\n"
+                                             for r in lines))
+    again = kernels.compare(copy / "live.jsonl", key="profile-run")
+    assert cache.info()["by_namespace"] == {"kernels": 1}, "the copy was compared afresh"
+    assert set(again[0]["run"]) == {r["run"] + "-copy" for r in lines if r.get("key") == "profile-run"}
+    for a, b in zip(again, first):
+        pd.testing.assert_frame_equal(a.drop(columns="run"), b.drop(columns="run"))
+
+
 @pytest.mark.parametrize("part", ["glm", "deepseek"])
 def test_steps_and_graph_modes_match_the_scheduler_and_dispatcher(part):
     st = compare.steps(R / part / "live.jsonl")

@@ -191,3 +191,27 @@ def test_live_stores_are_those_written_by_the_same_vllm(tmp_path):
         p.write_text(json.dumps(rec) + "\n")
     assert report.live_stores("0.20.2", tmp_path) == [tmp_path / "a/live.jsonl"]
     assert report.live_stores("0.10.1.1", tmp_path) == [tmp_path / "b.jsonl"]
+
+
+@pytest.mark.skipif(not compat.installed(), reason="needs vLLM")
+def test_a_notebooks_answer_is_kept_and_a_changed_question_computed_afresh(scenario, tmp_path, monkeypatch):
+    """report.kept: what a notebook asks comes back as computed (a DataFrame as it was), from the cache the
+    second time, and afresh when the scenario or an argument changes."""
+    import pandas as pd
+
+    from diaglib.predict.dispatch import dispatch_table
+
+    monkeypatch.setenv("DIAGLIB_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def table(sc, counts):
+        calls.append(counts)
+        return dispatch_table(sc, counts)
+
+    first = report.kept(table, scenario, [8191, 8192])
+    pd.testing.assert_frame_equal(first, dispatch_table(scenario, [8191, 8192]))
+    pd.testing.assert_frame_equal(report.kept(table, scenario, [8191, 8192]), first)
+    assert len(calls) == 1
+    report.kept(table, scenario, [8190])
+    report.kept(table, scenario.derive("--max-num-batched-tokens", "16384"), [8191, 8192])
+    assert len(calls) == 3

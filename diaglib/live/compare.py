@@ -6,8 +6,8 @@ KV-cache size the engine logged; memory from diaglib.predict.memory. The observa
 from inside vLLM: the tokens each scheduler step scheduled and the graph mode of each forward pass.
 
 A prediction is made once per (engine, workload) and kept in diaglib's cache (diaglib.cache: keyed by the
-vLLM build, diaglib's source, the serve command, the GPU, the model folder's files and the workload), so a
-report does not redo it for every record it shows.
+vLLM build, diaglib's source, the serve command with the model folder's files in place of its path, the GPU and
+the workload, never by the run's name), so a report does not redo it for every record it shows.
 """
 from __future__ import annotations
 
@@ -58,11 +58,11 @@ def _engine_for(command: str, gpu: str, kv_bytes: int | None):
 
 
 def _kept(kind: str, command: str, gpu: str, compute, **parts):
-    """``compute()`` for this engine, kept in diaglib's cache under the engine, its model files and ``parts``."""
+    """``compute()`` for this engine, kept in diaglib's cache under the engine (its command, with the model
+    folder by content: records copied elsewhere find it), the GPU and ``parts``."""
     from .. import cache
 
-    return cache.memo(kind, {"command": command, "gpu": gpu, "models": cache.command_models(command, {}), **parts},
-                      compute)
+    return cache.memo(kind, {**cache.command_content(command), "gpu": gpu, **parts}, compute)
 
 
 def _workload(probe: dict):

@@ -317,8 +317,9 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
     paired (predicted ops a kernel paired with), fused, not_launched, grids_predicted, grids_equal, gpu_us.
     ``kernels`` / ``missing``: :func:`match`'s tables of every step, with run, key and step.
 
-    Each probe's comparison is kept in diaglib's cache (under its records, its kernel table, the engine's model
-    files and the environment), so a report redoes no census for a record it has compared before."""
+    Each probe's comparison is kept in diaglib's cache (under its records less the run's name, its kernel table,
+    the engine's command with its model files in place of its path, and the environment), so a report redoes no
+    census for a record it has compared before, nor for a copy of it."""
     from .. import cache
     from .compare import local_command
 
@@ -329,16 +330,21 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
             continue
         eng = _engine_of(store_path, r)
         command = local_command(eng["spec"], store_path.parent)
-        parts = {"record": r, "engine": eng, "steps": steps, "models": cache.command_models(command, {}),
+        parts = {"record": _unnamed(r), "engine": _unnamed(eng), "steps": steps, **cache.command_content(command),
                  "table": cache.file_hash(store_path.parent / r["kernel_file"])}
         kept = cache.memo("kernels", parts, lambda: _json(*_compare_probe(store_path, r, eng, steps)))
-        rows += kept["summary"]
-        ks.append(_frame(kept["kernels"]))
-        ms.append(_frame(kept["missing"]))
+        rows += [{**row, "run": r["run"]} for row in kept["summary"]]
+        ks.append(_frame(kept["kernels"]).assign(run=r["run"]))
+        ms.append(_frame(kept["missing"]).assign(run=r["run"]))
     if not rows:
         raise DiagError(f"no profiled probe with a kernel table in {store_path}"
                         + (f" for run {run!r}" if run else "") + (f" key {key!r}" if key else ""))
     return pd.DataFrame(rows), pd.concat(ks, ignore_index=True), pd.concat(ms, ignore_index=True)
+
+
+def _unnamed(record: dict) -> dict:
+    """A record without its run's name: the key of what it shows, wherever the record is copied to."""
+    return {k: v for k, v in record.items() if k != "run"}
 
 
 _TUPLES = ("grid", "block", "predicted_grid")  # columns of (x, y, z) tuples, lists once kept as JSON

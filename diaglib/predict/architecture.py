@@ -239,6 +239,7 @@ def facts(sc: Scenario) -> dict:
         "sliding_windows": sorted({a["sliding_window"] for a in att if a["sliding_window"]}),
         "attention_chunk_sizes": sorted({a["attention_chunk_size"] for a in att if a["attention_chunk_size"]}),
         "speculative": speculative(sc),
+        "quantization": sc.vllm_config.model_config.quantization,
         "linear_methods": linear_methods(sc),
         "quant_alignment": {"layers": len(align), "blocks": sorted({a["block"] for a in align}),
                             "tp": sc.vllm_config.parallel_config.tensor_parallel_size,
@@ -246,6 +247,13 @@ def facts(sc: Scenario) -> dict:
                             "tp_sizes_aligned": sorted(set.intersection(*(set(a["tp_sizes_aligned"]) for a in align)))
                             if align else None},
     }
+
+
+def unquantized_despite_config(f: dict) -> bool:
+    """Whether the config names a quantization but vLLM built every linear layer unquantized."""
+    methods = f["linear_methods"]
+    return bool(f.get("quantization") and methods
+                and all(m["method"].startswith("UnquantizedLinearMethod") for m in methods))
 
 
 def backend_label(a: dict) -> str:
@@ -303,6 +311,10 @@ def format_lines(f: dict) -> list[tuple[str, str]]:
     for lm in f["linear_methods"]:
         if not lm["method"].startswith("UnquantizedLinearMethod"):
             rows.append(("linear layers", f"{lm['layers']} x {lm['method']}: {lm['kernels']}"))
+    if unquantized_despite_config(f):
+        rows.append(("linear layers", f"all {sum(m['layers'] for m in f['linear_methods'])} unquantized although "
+                     f"the config names {f['quantization']}: vLLM may take the quantized layers from the "
+                     "checkpoint's *.safetensors headers, which this folder lacks (GPTQ does)"))
     q = f["quant_alignment"]
     if q["layers"]:
         rows.append(("quant blocks", f"{q['layers']} layer kinds with blocks {'/'.join(map(str, q['blocks']))}, "

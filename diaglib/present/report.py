@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import html
 import json
 import os
@@ -102,6 +103,31 @@ def scenario(scenario: str | None = None, *, cmd: str | None = None, gpu: str | 
     from ..scenario import load
 
     return load(scenario, cmd=cmd, gpu=gpu, gpu_count=gpu_count, vllm=vllm)
+
+
+def kept(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` for a notebook, kept in diaglib's cache (diaglib.cache) under the function, its
+    arguments (a scenario by :meth:`~diaglib.scenario.Scenario.key_parts`, bytes by their hash) and the
+    environment, as it was computed (DataFrames too): a report built again makes no prediction twice."""
+    from .. import cache
+
+    parts = {"fn": f"{fn.__module__}.{fn.__qualname__}", "args": [_key_of(a) for a in args],
+             "kwargs": {k: _key_of(v) for k, v in sorted(kwargs.items())}}
+    return cache.memo("notebook", parts, lambda: fn(*args, **kwargs), pickled=True)
+
+
+def _key_of(arg):
+    from dataclasses import asdict, is_dataclass
+
+    from ..scenario import Scenario
+
+    if isinstance(arg, Scenario):
+        return {"scenario": arg.key_parts()}
+    if isinstance(arg, bytes):
+        return {"bytes": hashlib.sha256(arg).hexdigest()}
+    if is_dataclass(arg) and not isinstance(arg, type):
+        return {type(arg).__qualname__: asdict(arg)}
+    return arg
 
 
 def live_stores(version: str, root: Path | None = None) -> list[Path]:
