@@ -332,10 +332,10 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
         command = local_command(eng["spec"], store_path.parent)
         parts = {"record": _unnamed(r), "engine": _unnamed(eng), "steps": steps, **cache.command_content(command),
                  "table": cache.file_hash(store_path.parent / r["kernel_file"])}
-        kept = cache.memo("kernels", parts, lambda: _json(*_compare_probe(store_path, r, eng, steps)))
-        rows += [{**row, "run": r["run"]} for row in kept["summary"]]
-        ks.append(_frame(kept["kernels"]).assign(run=r["run"]))
-        ms.append(_frame(kept["missing"]).assign(run=r["run"]))
+        summary, k, m = cache.memo("kernels", parts, lambda: _compare_probe(store_path, r, eng, steps), pickled=True)
+        rows += [{**row, "run": r["run"]} for row in summary]
+        ks.append(k.assign(run=r["run"]))
+        ms.append(m.assign(run=r["run"]))
     if not rows:
         raise DiagError(f"no profiled probe with a kernel table in {store_path}"
                         + (f" for run {run!r}" if run else "") + (f" key {key!r}" if key else ""))
@@ -345,24 +345,6 @@ def compare(store_path: str | Path, run: str | None = None, key: str | None = No
 def _unnamed(record: dict) -> dict:
     """A record without its run's name: the key of what it shows, wherever the record is copied to."""
     return {k: v for k, v in record.items() if k != "run"}
-
-
-_TUPLES = ("grid", "block", "predicted_grid")  # columns of (x, y, z) tuples, lists once kept as JSON
-
-
-def _json(summary: list[dict], k: pd.DataFrame, m: pd.DataFrame) -> dict:
-    def table(df: pd.DataFrame) -> dict:
-        return {"columns": list(df.columns), "data": json.loads(df.to_json(orient="values"))}
-
-    return {"summary": summary, "kernels": table(k), "missing": table(m)}
-
-
-def _frame(kept: dict) -> pd.DataFrame:
-    df = pd.DataFrame(kept["data"], columns=kept["columns"])
-    for c in _TUPLES:
-        if c in df:
-            df[c] = df[c].map(lambda g: tuple(g) if isinstance(g, list) else None)
-    return df
 
 
 def _compare_probe(store_path: Path, r: dict, eng: dict,
