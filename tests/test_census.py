@@ -320,3 +320,65 @@ def test_launches_name_a_kernel_pattern_for_every_kernel(scenario):
     for pattern in lk["match"]:
         re.compile(pattern)
     assert lk.loc[lk["runs_as"] == "inductor", "fusion"].notna().all()
+
+
+def _kv_storage(layer):
+    import torch
+
+    kv, out = layer.kv_cache, set()
+    for t in (kv if isinstance(kv, (list, tuple)) else [kv]):
+        if isinstance(t, torch.Tensor) and t.numel():
+            out.add(t.untyped_storage()._cdata)
+    return out
+
+
+def test_attention_and_the_kv_cache_write_take_the_kv_cache_vllms_runner_lays_out(zoo):
+    """Where this vLLM's model runner lays KV caches out by layout (one allocation viewed per layer), the census
+    binds vLLM's own views: every layer's cache is [blocks, heads, tokens per block, content] for the blocks of
+    vLLM's KVCacheConfig and the bytes per block of the layer's own KV-cache spec, and attention's inner kernels
+    and the KV-cache write run (traced, not their fake implementations) on that very cache."""
+    import math
+
+    from vllm.v1.kv_cache_interface import AttentionSpec, UniformTypeKVCacheSpecs
+
+    if not compat.runner_lays_out_kv_caches():
+        pytest.skip(f"vLLM {compat.installed()}'s model runner reshapes KV caches per backend (get_kv_cache_shape)")
+    p = census.prepare(zoo)
+    assert not [n for n in p.notes if "KV cache not laid out" in n], p.notes
+    kv = p.kv_layout
+    assert kv is not None and kv.config.num_blocks == p.num_blocks
+    attn = {}
+    for gid, group in enumerate(kv.config.kv_cache_groups):
+        for name in group.layer_names:
+            spec = group.kv_cache_spec
+            spec = spec.kv_cache_specs[name] if isinstance(spec, UniformTypeKVCacheSpecs) else spec
+            if name in p.registry and isinstance(spec, AttentionSpec):
+                attn[name] = (spec, kv.kernel_block_sizes[gid])
+    assert attn, "no attention layer got a KV cache"
+    placed = {n: tensor for tensor in kv.config.kv_cache_tensors for n in tensor.layers}
+    for name, (spec, kbs) in attn.items():
+        own = p.registry[name].get_kv_cache_spec(kv.vllm_config)  # the layer's own spec (pages unpadded)
+        assert own.block_size == spec.block_size and own.dtype == spec.dtype, name
+        t = kv.caches[name]  # [B, H, N, C] as bound (the kernel-block view where the backend splits blocks)
+        ratio = spec.block_size // kbs
+        assert t.device.type == "meta" and t.dtype == spec.dtype, name
+        assert t.shape[0] == kv.config.num_blocks * ratio, (name, tuple(t.shape))
+        assert t.shape[-2] * t.shape[0] == kv.config.num_blocks * spec.block_size, (name, tuple(t.shape))
+        assert math.prod(t.shape[1:]) * t.element_size() * ratio == own.page_size_bytes, (name, tuple(t.shape))
+        assert t.stride(0) * t.element_size() * ratio == placed[name].block_stride, (name, t.stride())
+        assert t.untyped_storage().nbytes() >= placed[name].size, name
+
+    ps = census.record(zoo, census.prefill(4096))
+    assert ps.stopped is None, ps.stopped
+    for op in ("kv_cache_update", "attention_with_output"):
+        assert not [n for n in ps.notes if op in n and "inner kernels not traced" in n], ps.notes
+    built = {n for n in attn}
+    for container in ("kv_cache_update", "attention_with_output"):
+        calls = [r for r in ps.base if r.kind == "vllm op" and r.op.endswith(container) and r.root is None]
+        assert calls, f"no {container} op ran"
+        kernels = [r for r in ps.base if r.root in {c.op for c in calls} and r.kind == "custom"]
+        assert kernels, f"{container}: no inner kernel traced"
+        touched = {r.module for r in kernels
+                   if any(t.untyped_storage()._cdata in _kv_storage(p.registry[n])
+                          for _, t in r.tensors for n in built if r.module == n)}
+        assert touched == {r.module for r in calls if r.module in built}, (container, touched)

@@ -54,8 +54,10 @@ from .cudagraphs import (
 from .detect import VllmApiMissing
 from .envs import vllm_env, with_env
 from .forward import (
+    KVLayout,
     attention_layers,
     bind_kv_cache,
+    bind_runner_kv_caches,
     block_table,
     build_metadata,
     common_metadata,
@@ -73,6 +75,8 @@ from .forward import (
     layer_kv_spec,
     profile_runs_attention,
     runner_buffers,
+    runner_kv_caches,
+    runner_lays_out_kv_caches,
     sampler,
     splitting_ops,
     workspace,

@@ -1,6 +1,11 @@
 """One forward pass of vLLM's model outside the engine: the forward context, attention metadata and KV caches,
 CustomOp enablement, the dummy (profile) run's batch, the sampler warm-up and the model runner's buffers.
 
+KV caches, two eras: where the model runner lays them out from a KVCacheConfig by layout (one int8 allocation
+viewed per layer as [blocks, heads, tokens, content]: ``allocate_kv_cache(..., layout, ...)``), vLLM's own
+planning, allocation, kernel-block mapping and binding run (:func:`runner_kv_caches`); before, each layer's cache
+is the backend's ``get_kv_cache_shape`` in its stride order (:func:`kv_cache_tensor`).
+
 Every function decides by what the installed vLLM has (an import, an attribute, a signature), never by its
 version string. Callers (diaglib.predict.census) run these under the census's own modes, which put every
 tensor vLLM creates on the GPU onto the meta device.
@@ -126,6 +131,100 @@ def layer_backend(layer):
         return layer.attn_backend
     raise VllmApiMissing(f"vLLM {installed()}'s {type(layer).__name__} layer keeps no backend class "
                          "(no get_attn_backend, no attn_backend): the census needs it")
+
+
+def runner_lays_out_kv_caches() -> bool:
+    """Whether this vLLM's model runner lays KV caches out from a KVCacheConfig by layout: one int8 allocation
+    viewed per layer as [blocks, heads, tokens, content] (``vllm.v1.worker.utils.allocate_kv_cache`` with a
+    ``layout`` argument); older runners reshape per backend (``get_kv_cache_shape``, :func:`kv_cache_tensor`)."""
+    return has("vllm.v1.kv_cache_interface:create_kv_cache_views") \
+        and takes("vllm.v1.worker.utils:allocate_kv_cache", "layout") \
+        and has("vllm.v1.core.kv_cache_planning:get_global_kv_cache_groups")
+
+
+@dataclasses.dataclass
+class KVLayout:
+    """The KV caches as vLLM's model runner lays them out: its KVCacheConfig, resolved layout, attention groups
+    (vLLM's AttentionGroup, one per backend and spec in a KV-cache group), kernel block sizes per group, and the
+    tensor bound to each layer (after the kernel-block mapping)."""
+
+    config: object
+    layout: object
+    attn_groups: list
+    kernel_block_sizes: list
+    caches: dict  # layer name -> the tensor bound to it
+    vllm_config: object  # the private config the layout was resolved in
+
+
+def runner_kv_caches(cfg, specs: dict, backends: dict, num_blocks: int) -> KVLayout:
+    """Lay out every layer's KV cache as this vLLM's GPUModelRunner.initialize_kv_cache does, with vLLM's own
+    functions: KV-cache groups (get_global_kv_cache_groups) and the KVCacheConfig for ``num_blocks`` blocks from
+    the platform's KVCacheConfig builder, the KV-cache layout the engine core resolves from the backends, the
+    runner's attention groups, prepare_kernel_block_sizes, allocate_kv_cache (on the device: meta under the
+    census) and map_kv_caches_to_kernel_blocks. ``specs``: layer name -> KVCacheSpec as the layer gives it
+    (every layer of the whole model); ``backends``: layer name -> its backend class.
+    Binding: :func:`bind_runner_kv_caches`."""
+    import copy
+
+    import torch
+    from vllm.v1.attention.backends import utils as au
+    from vllm.v1.core import kv_cache_planning as kp
+    from vllm.v1.core.kv_cache_config_builder import get_kv_cache_config_builder
+    from vllm.v1.kv_cache_interface import AttentionSpec, UniformTypeKVCacheSpecs
+    from vllm.v1.worker import utils as wu
+
+    cfg = copy.copy(cfg)
+    cfg.cache_config = copy.copy(cfg.cache_config)  # the engine core records the resolved layout there
+    specs = dict(specs)
+    custom = getattr(wu, "customize_attention_spec", None)  # GPUModelRunner.get_kv_cache_spec
+    for name, spec in specs.items():
+        if custom is not None and isinstance(spec, AttentionSpec):
+            specs[name] = custom(backends[name], spec)
+    if cfg.cache_config.kv_cache_layout is None:  # EngineCore: resolved once from every worker's backends
+        distinct = {f"{b.__module__}.{b.__qualname__}": b for n, b in backends.items() if n in specs}
+        supported = [layout.name for layout in au.get_supported_kv_cache_layouts(list(distinct.values()))]
+        au.record_kv_cache_layout(cfg.cache_config,
+                                  au.resolve_kv_cache_layout(cfg, [supported], list(specs.values())).name)
+    layout = cfg.cache_config.get_resolved_kv_cache_layout()
+    groups = kp.get_global_kv_cache_groups(cfg, [specs])
+    kv_cfg = get_kv_cache_config_builder(cfg).get_kv_cache_config_from_groups(cfg, groups, num_blocks)
+    kv_cfg.kv_cache_layout = layout.name
+    attn_groups = []
+    for gid, group in enumerate(kv_cfg.kv_cache_groups):  # GPUModelRunner.initialize_attn_backend
+        by_key: dict = {}
+        for name in group.layer_names:
+            spec = group.kv_cache_spec
+            if isinstance(spec, UniformTypeKVCacheSpecs):
+                spec = spec.kv_cache_specs[name]
+            backend = backends[name]
+            by_key.setdefault((backend.full_cls_name() if hasattr(backend, "full_cls_name")
+                               else f"{backend.__module__}.{backend.__qualname__}", spec), (backend, spec, []))[2] \
+                .append(name)
+        attn_groups.append([wu.AttentionGroup(b, names, s, gid) for b, s, names in by_key.values()])
+    kernel_block_sizes = wu.prepare_kernel_block_sizes(kv_cfg, attn_groups)
+    for gid, ags in enumerate(attn_groups):  # AttentionGroup.create_metadata_builders: its kernel block size
+        kbs = kernel_block_sizes[gid] if gid < len(kernel_block_sizes) else None
+        for g in ags:
+            if kbs is not None and isinstance(g.kv_cache_spec, AttentionSpec):
+                kbs_g = wu.select_common_block_size(kbs, [g.backend], [g.kv_cache_spec])
+                if kbs_g != g.kv_cache_spec.block_size:
+                    g.kernel_block_size = kbs_g
+    caches = wu.allocate_kv_cache(kv_cfg, torch.device("cuda"), layout, kernel_block_sizes)
+    mapped = wu.map_kv_caches_to_kernel_blocks(caches, [g for ags in attn_groups for g in ags])
+    return KVLayout(kv_cfg, layout, attn_groups, kernel_block_sizes, mapped, cfg)
+
+
+def bind_runner_kv_caches(kv: KVLayout, registry: dict) -> None:
+    """Bind the laid-out caches to the layers of ``registry`` (the built model's layers; the others of the whole
+    model's layout are left out) with vLLM's bind_kv_cache_to_layers, each layer unpacking its own views."""
+    from vllm.v1.worker import utils as wu
+
+    present = {n: t for n, t in kv.caches.items() if n in registry}
+    if hasattr(wu, "bind_kv_cache_to_layers"):
+        wu.bind_kv_cache_to_layers(present, registry, 1, kv.config.kv_cache_groups)
+    else:
+        for n, t in present.items():
+            registry[n].bind_kv_cache(t)
 
 
 def kv_cache_tensor(backend, spec, num_blocks: int, cache_dtype: str):

@@ -623,6 +623,7 @@ class _Prepared:
     stand_ins: int
     reps: dict  # decoder layer index -> the built layer it repeats (every layer of the scenario's model)
     state_storages: dict  # storage id -> "weight" / "kv cache"
+    kv_layout: object = None  # compat.KVLayout where vLLM's model runner lays KV caches out by layout
 
 
 _prepared: dict[int, _Prepared] = {}
@@ -749,22 +750,36 @@ def prepare(sc: Scenario) -> _Prepared:
     storages = {t.untyped_storage()._cdata: "weight" for t in (*model.parameters(), *model.buffers())}
     groups: dict = {}
     unbound = set()
+    specs, backends = {}, {}
     for name, layer in compat.attention_layers(registry).items():
         with _env(sc, cfg, _State()):
             spec = compat.layer_kv_spec(layer, cfg)
             if spec is None:
                 continue
-            backend = compat.layer_backend(layer)
-            try:
-                kv = compat.kv_cache_tensor(backend, spec, num_blocks, cfg.cache_config.cache_dtype)
-            except compat.VllmApiMissing as e:
-                unbound.add(str(e))
-                kv = None
-            if kv is not None:
-                compat.bind_kv_cache(layer, kv)
-                for t in (kv if isinstance(kv, list) else [kv]):
-                    storages[t.untyped_storage()._cdata] = "kv cache"
-        groups.setdefault((backend, spec), []).append(name)
+            specs[name], backends[name] = spec, compat.layer_backend(layer)
+    kv_layout = None
+    if specs and compat.runner_lays_out_kv_caches():
+        kv_layout = _runner_layout(sc, cfg, registry, specs, backends, reps, num_blocks, storages, notes)
+    if kv_layout is not None:
+        for ags in kv_layout.attn_groups:
+            for g in ags:
+                names = [n for n in g.layer_names if n in registry]
+                if names:
+                    groups.setdefault((g.backend, g.kv_cache_spec), []).extend(names)
+    else:
+        for name, spec in specs.items():
+            backend, layer = backends[name], registry[name]
+            with _env(sc, cfg, _State()):
+                try:
+                    kv = compat.kv_cache_tensor(backend, spec, num_blocks, cfg.cache_config.cache_dtype)
+                except compat.VllmApiMissing as e:
+                    unbound.add(str(e))
+                    kv = None
+                if kv is not None:
+                    compat.bind_kv_cache(layer, kv)
+                    for t in (kv if isinstance(kv, list) else [kv]):
+                        storages[t.untyped_storage()._cdata] = "kv cache"
+            groups.setdefault((backend, spec), []).append(name)
     notes += [f"KV cache not laid out here ({why}): attention runs with the shapes its fake implementation sees"
               for why in sorted(unbound)]
     built, tables = [], {}
@@ -782,9 +797,54 @@ def prepare(sc: Scenario) -> _Prepared:
     if build:
         notes.append(f"layers 0..{build - 1} built and run; the other {len(reps) - build} repeat one of them "
                      "(same modules, parameters and settings)")
-    p = _Prepared(sc, model, cfg, registry, built, num_blocks, tables, notes, len(state.stand_ins), reps, storages)
+    p = _Prepared(sc, model, cfg, registry, built, num_blocks, tables, notes, len(state.stand_ins), reps, storages,
+                  kv_layout)
     _prepared[id(sc)] = p
     return p
+
+
+def _runner_layout(sc: Scenario, cfg, registry: dict, specs: dict, backends: dict, reps: dict, num_blocks: int,
+                   storages: dict, notes: list):
+    """The KV caches laid out as vLLM's model runner does (compat.runner_kv_caches) for the whole model (the
+    layers not built take the spec and backend of the layer they repeat) and bound to the built layers; None,
+    with a note in one line, where vLLM's layout code refuses here."""
+    full_specs, full_backends = dict(specs), dict(backends)
+    for name in specs:
+        rep = _layer_of(name)
+        for i, r in reps.items():
+            if r == rep and i != rep:
+                full_specs[_rename(name, rep, i)] = specs[name]
+                full_backends[_rename(name, rep, i)] = backends[name]
+    with _env(sc, cfg, _State()):
+        try:
+            kv = compat.runner_kv_caches(cfg, full_specs, full_backends, num_blocks)
+            compat.bind_runner_kv_caches(kv, registry)
+        except Exception as e:  # noqa: BLE001 - one line: where vLLM's own layout stops
+            notes.append(f"KV cache not laid out here (vLLM's model-runner layout refuses: {_why(e)}): attention "
+                         "runs with the shapes its fake implementation sees")
+            return None
+    for t in kv.caches.values():
+        storages[t.untyped_storage()._cdata] = "kv cache"
+    for name in kv.caches:
+        if name in registry:
+            for t in _bound(registry[name]):
+                storages[t.untyped_storage()._cdata] = "kv cache"
+    return kv
+
+
+def _bound(layer) -> list:
+    """The tensors a layer holds as its KV cache after binding (a tensor, or a list / tuple of them)."""
+    import torch
+
+    kv = getattr(layer, "kv_cache", None)
+    out, todo = [], [kv]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            todo += list(x)
+    return out
 
 
 def _why(e: Exception) -> str:
