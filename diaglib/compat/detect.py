@@ -111,6 +111,9 @@ def _signature(fn) -> tuple[inspect.Signature, set[str] | None]:
     return inspect.signature(fn), _accepted(fn)
 
 
+_BOUND: set[tuple] = set()  # (callable, positional count, keywords) that bound once: binding again says the same
+
+
 def call(what: str, fn, /, *args, **kwargs):
     """``fn(*args, **kw)`` with only the keyword arguments its signature accepts (a release that lacks a
     parameter does not need it); a required parameter diaglib does not give -> VllmApiMissing naming it."""
@@ -120,9 +123,12 @@ def call(what: str, fn, /, *args, **kwargs):
         return fn(*args, **kwargs)
     if accepted is not None:
         kwargs = {k: v for k, v in kwargs.items() if k in accepted}
-    try:
-        sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise VllmApiMissing(f"vLLM {installed()}'s {what} does not take what diaglib gives: {e}") from None
+    shape = (fn, len(args), tuple(kwargs))
+    if shape not in _BOUND:
+        try:
+            sig.bind(*args, **kwargs)
+        except TypeError as e:
+            raise VllmApiMissing(f"vLLM {installed()}'s {what} does not take what diaglib gives: {e}") from None
+        _BOUND.add(shape)
     return fn(*args, **kwargs)
 

@@ -326,7 +326,8 @@ def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, 
     length (prefix-cache hashes computed once, the cache emptied between points: see :class:`Engine`).
 
     Points are independent: with ``workers`` > 1 (default: the CPU cores, from PARALLEL_MIN_POINTS points on)
-    forked processes take shares of them, each with its own scheduler; the rows are the same, in order."""
+    this process and ``workers`` - 1 forked ones take shares of them, each with its own scheduler; the rows are
+    the same, in order."""
     from .. import progress as bar
 
     lengths = [int(x) for x in lengths]
@@ -356,21 +357,26 @@ def sweep(scenario, lengths, knobs: dict | None = None, *, output_len: int = 1, 
     shares = max(1, -(-workers // len(combos)))  # split each setting's lengths so every worker has work
     size = -(-len(lengths) // shares)
     units = [(i, j, j + size) for i in range(len(combos)) for j in range(0, len(lengths), size)]
+    procs = max(1, min(workers, len(units))) if "fork" in multiprocessing.get_all_start_methods() else 1
+    mine = -(-len(units) // procs)  # the first units are this process's own, the rest go to the forked ones
     _JOB.update(settings=settings, lengths=lengths, workloads=workloads, kv_memory_bytes=kv_memory_bytes)
+    forked = multiprocessing.get_context("fork").Pool if procs > 1 else lambda _: contextlib.nullcontext()
     rows = []
     try:
-        with quiet_gc(), bar.bar(total=points, desc="sweep", unit="pt", enabled=progress) as b:
-            if workers > 1 and len(units) > 1 and "fork" in multiprocessing.get_all_start_methods():
-                with multiprocessing.get_context("fork").Pool(min(workers, len(units))) as pool:
-                    for (_, a, z), part in zip(units, pool.imap(_sweep_unit, units)):
-                        rows += part
-                        b.update(min(z, len(lengths)) - a)
-            else:
-                for unit in units:
-                    rows += _sweep_unit(unit, b.update)
+        with quiet_gc(), bar.bar(total=points, desc="sweep", unit="pt", enabled=progress) as b, \
+                forked(procs - 1) as pool:
+            theirs = ()
+            if pool:
+                theirs = pool.imap(_sweep_unit, units[mine:])
+                pool.close()  # a worker exits once its results are in (the exit of a forked vLLM takes a while)
+            for unit in units[:mine]:
+                rows += _sweep_unit(unit, b.update)
+            for (_, a, z), part in zip(units[mine:], theirs):
+                rows += part
+                b.update(min(z, len(lengths)) - a)
+            return pd.DataFrame(rows)  # while the workers exit
     finally:
         _JOB.clear()
-    return pd.DataFrame(rows)
 
 
 def _sweep_unit(unit: tuple[int, int, int], done=None) -> list[dict]:
