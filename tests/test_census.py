@@ -339,10 +339,9 @@ def test_attention_and_the_kv_cache_write_take_the_kv_cache_vllms_runner_lays_ou
     and the KV-cache write run (traced, not their fake implementations) on that very cache."""
     import math
 
-    from vllm.v1.kv_cache_interface import AttentionSpec, UniformTypeKVCacheSpecs
-
     if not compat.runner_lays_out_kv_caches():
         pytest.skip(f"vLLM {compat.installed()}'s model runner reshapes KV caches per backend (get_kv_cache_shape)")
+    from vllm.v1.kv_cache_interface import AttentionSpec, UniformTypeKVCacheSpecs
     p = census.prepare(zoo)
     assert not [n for n in p.notes if "KV cache not laid out" in n], p.notes
     kv = p.kv_layout
