@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,9 @@ def zoo():
 
     def get(folder: str, gpu: str):
         if (folder, gpu) not in cache:
-            for tp in (8, 4, 2, 1):
+            tps = [8, 4, 2, 1]
+            while tps:
+                tp = tps.pop(0)
                 try:
                     sc = load(cmd=f"vllm serve data/models/{folder} -tp {tp} --max-num-batched-tokens 8192",
                               gpu=gpu, gpu_count=8)
@@ -47,7 +50,10 @@ def zoo():
                     break
                 except DiagError as e:
                     cache[folder, gpu] = e
-                    if "divisible by tensor parallel size" not in str(e):
+                    smaller = re.search(r"builds it at TP (\d+)", str(e))  # a per-rank rule: its refusal says where
+                    if smaller:
+                        tps = [int(smaller.group(1))]
+                    elif "divisible by tensor parallel size" not in str(e):
                         break
         return cache[folder, gpu]
 
@@ -255,6 +261,30 @@ def test_a_block_that_does_not_divide_a_rank_is_one_line_with_the_tp_vllm_builds
     layers.build_model(sc.derive("-tp", "2"))  # what the message promises, asked of vLLM again
     if "--enable-expert-parallel" in msg and "it builds" in msg:
         layers.build_model(sc.derive("--enable-expert-parallel"))
+
+
+SMALL_AWQ = {  # a Qwen2 layout with AWQ int4, group 128: 2944 = 23 x 128, so half of it per rank is no multiple
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1024, "intermediate_size": 2944,
+    "num_attention_heads": 16, "num_key_value_heads": 4, "num_hidden_layers": 2, "vocab_size": 4096,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "torch_dtype": "float16",
+    "tie_word_embeddings": False, "quantization_config": {"bits": 4, "group_size": 128, "quant_method": "awq",
+                                                          "version": "gemm", "zero_point": True}}
+
+
+def test_an_int4_group_that_does_not_divide_a_rank_names_the_size_and_the_group(tmp_path):
+    """AWQ's own refusal names no numbers; the one line carries the per-rank size and the group from vLLM's frame."""
+    from diaglib.predict import layers
+    from diaglib.scenario import load
+
+    (tmp_path / "config.json").write_text(json.dumps(SMALL_AWQ))
+    sc = load(cmd=f"vllm serve {tmp_path} -tp 2 --max-model-len 4096", gpu=GPUS[0], gpu_count=8)
+    with pytest.raises(layers.BuildRefused) as refused:
+        layers.build_model(sc)
+    msg, group = str(refused.value), SMALL_AWQ["quantization_config"]["group_size"]
+    assert "\n" not in msg and "TP 2" in msg and "down_proj" in msg
+    assert f"per rank {SMALL_AWQ['intermediate_size'] // 2}, not a multiple of {group}" in msg
+    assert "builds it at TP 1" in msg
+    layers.build_model(sc.derive("-tp", "1"))  # what the message promises, asked of vLLM again
 
 
 def test_an_architecture_vllm_does_not_know_is_its_reason_in_one_line(tmp_path):

@@ -11,12 +11,12 @@ from diaglib.predict import census
 from test_census import _buildable, _linear_outputs_are_tokens_by_output_size
 
 
-def _scenario(cmd: str, gpus: int):
-    """The checkpoint resolved on H100s and built on meta, or a skip naming vLLM's refusal."""
+def _scenario(cmd: str, gpus: int, gpu: str = "NVIDIA H100"):
+    """The checkpoint resolved on ``gpu`` and built on meta, or a skip naming vLLM's refusal."""
     from diaglib.scenario import load
 
     try:
-        sc = load(cmd=cmd, gpu="NVIDIA H100", gpu_count=gpus)
+        sc = load(cmd=cmd, gpu=gpu, gpu_count=gpus)
     except DiagError as e:
         pytest.skip(f"vLLM {compat.installed()} refuses the checkpoint: {e}")
     _buildable(sc)
@@ -52,3 +52,15 @@ def test_mxfp4_experts_kernels_are_traced():
     text = sc.vllm_config.model_config.hf_text_config
     want = p.padded * text.num_experts_per_tok * text.hidden_size
     assert any(t.numel() == want for r in experts if r.kind == "triton" for _, t in r.tensors), want
+
+
+@pytest.mark.parametrize("gpu", ["NVIDIA A100-SXM4-80GB", "NVIDIA H100"])
+def test_int4_awq_linears_and_attention_are_traced(gpu):
+    """AWQ int4 goes to Marlin on Ampere (which repacks the zero points with numpy on the host) and to Machete on
+    Hopper; Ampere's attention is FlashAttention 2. The census runs all of them: every linear layer outputs
+    N x its size per rank, and attention's inner kernels are traced."""
+    sc = _scenario("vllm serve data/models/Qwen2.5-72B-Instruct-ko-AWQ --max-num-batched-tokens 8192", 1, gpu)
+    _linear_outputs_are_tokens_by_output_size(sc)
+    p = census.record(sc, census.prefill(4096))
+    assert not [n for n in p.notes if "not traced" in n], p.notes
+    assert any(r.kind.startswith("custom") and ".self_attn.attn" in r.module and "fwd" in r.op for r in p.ops)

@@ -15,8 +15,8 @@ The only fakes are the census's own, switched on for a pass and off after it:
   element count, largest index). vLLM's Python custom ops (``vllm::*``) run their real implementation so the
   kernels inside are recorded too (where that fails, their registered fake stands in and the op says so); ops
   with a meta or fake implementation run it; C++ kernels without one write their out-arguments (passed through)
-  or are shaped by :data:`_NO_META` (each entry cites the kernel source it follows); ``.item()`` of a meta tensor
-  is 1 (noted); a host-to-meta copy keeps the meta tensor; a meta tensor copied to the host stays on meta.
+  or are shaped by :data:`_NO_META` (each entry cites the kernel source it follows); ``.item()``, ``.tolist()``
+  and ``.numpy()`` of a meta tensor are 1s (``.item()`` noted); a host-to-meta copy keeps the meta tensor; a meta tensor copied to the host stays on meta.
 - Triton launches record their grid (the launcher's own) and are not launched (an autotuned kernel takes the
   first of its pruned configs instead of a benchmark, and says so); device housekeeping
   (``empty_cache``, ``synchronize``) does nothing; FlashInfer's JIT builds are switched off (its own
@@ -127,6 +127,19 @@ def _is_gpu(d) -> bool:
     return isinstance(d, str) and d.startswith("cuda")
 
 
+def _ones_for(t):
+    """The values of a meta tensor vLLM reads on the host (``.tolist()``, ``.numpy()``: Marlin repacks AWQ zero
+    points with numpy): 1 stands in for each, as for ``.item()``, in the tensor's numpy dtype where it has one."""
+    import numpy as np
+    import torch
+
+    try:
+        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+    except TypeError:  # bfloat16 and the float8 types have no numpy dtype
+        dtype = np.float32
+    return np.ones(tuple(t.shape), dtype=dtype)
+
+
 def _to_meta_mode():
     import torch
     from torch.overrides import TorchFunctionMode
@@ -145,10 +158,8 @@ def _to_meta_mode():
             name = getattr(func, "__name__", "")
             if name == "cuda":
                 return args[0].to(meta)
-            if name == "tolist" and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
-                import numpy as np  # the values of a meta tensor: 1 stands in for each, as for .item()
-
-                return np.ones(tuple(args[0].shape), dtype=float if args[0].is_floating_point() else int).tolist()
+            if name in ("tolist", "numpy") and isinstance(args[0], torch.Tensor) and args[0].device.type == "meta":
+                return _ones_for(args[0]) if name == "numpy" else _ones_for(args[0]).tolist()
             if name == "pin_memory":
                 return args[0]
             if name == "to" and any(_is_gpu(a) for a in args[1:]):
@@ -195,6 +206,16 @@ def _fa3_fwd(q, k, v, *args, **kwargs):
     return [out, torch.empty(heads, total, **f32), *acc]
 
 
+def _fa2_varlen_fwd(q, k, v, out=None, *args, **kwargs):
+    import torch  # vllm-project/flash-attention csrc/flash_attn/flash_api.cpp mha_varlen_fwd: returns {out,
+    # softmax_lse}; out [total_q, heads, head_size] (the caller's, else new), lse float32 [heads, total_q]
+
+    total, heads = q.shape[0], q.shape[-2]
+    if out is None:
+        out = torch.empty(total, heads, v.shape[-1], dtype=q.dtype, device=q.device)
+    return [out, torch.empty(heads, total, dtype=torch.float32, device=q.device)]
+
+
 def _unique2(t, sorted=True, return_inverse=False, return_counts=False):  # noqa: A002 - aten's argument name
     import torch  # pytorch aten/src/ATen/native/Unique.cpp _unique2: (values, inverse [t.shape] or [0], counts)
     # data-dependent: a meta tensor's values are unknown, and the census stands one value in for all of them
@@ -221,7 +242,8 @@ def _index_by_mask(t, indices):
 
 
 _NO_META = {"_moe_C::grouped_topk": _grouped_topk, "aten::index.Tensor": _index_by_mask, "_vllm_fa3_C::fwd": _fa3_fwd,
-            "_vllm_fa3_C::get_scheduler_metadata": _fa3_scheduler_metadata, "aten::_unique2": _unique2}
+            "_vllm_fa2_C::varlen_fwd": _fa2_varlen_fwd, "_vllm_fa3_C::get_scheduler_metadata": _fa3_scheduler_metadata,
+            "aten::_unique2": _unique2}
 
 # The values of meta tensors are unknown; the census stands 1 in for each (finite). So a test for non-finite
 # values is all False, and so are reductions and views of such tests (vLLM checks loaded scales so, e.g.

@@ -207,33 +207,61 @@ def _refusing_layer(e: BaseException) -> tuple[str | None, str | None]:
     return found
 
 
+def _rank_rule(e: BaseException, text: str) -> tuple[int, int] | None:
+    """(per-rank size, the block it must be a multiple of) behind a shape refusal: from vLLM's wording where it
+    gives the numbers, else from the raising ``create_weights`` frame's own arguments (AWQ's and GPTQ's "The input
+    size is not aligned with the quantized weight shape" names none)."""
+    m = _NOT_DIVISIBLE.search(text)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    if "aligned" not in text:
+        return None
+    tb, frame = e.__traceback__, None
+    while tb is not None:
+        if "input_size_per_partition" in tb.tb_frame.f_locals:
+            frame = tb.tb_frame.f_locals
+        tb = tb.tb_next
+    qc = getattr(frame.get("self"), "quant_config", None) if frame else None
+    if qc is None:
+        return None
+    if text.startswith("The output size"):
+        pack = getattr(qc, "pack_factor", None)
+        pack = getattr(pack, "numerator", pack)
+        return (sum(frame.get("output_partition_sizes") or ()), int(pack)) if isinstance(pack, int) else None
+    group = frame.get("group_size", getattr(qc, "group_size", None))
+    if not isinstance(group, int) or group <= 0:
+        return None
+    return int(frame["input_size_per_partition"]), group
+
+
 def _explain_refusal(sc: Scenario, e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     prefix, cls = _refusing_layer(e)
     where = f" while building {prefix}" + (f" ({cls})" if cls else "") if prefix else ""
-    m = _NOT_DIVISIBLE.search(text)
-    if not m and "aligned" not in text:
+    rule = _rank_rule(e, text)
+    if rule is None and "aligned" not in text:
         return f"vLLM {sc.vllm_version} refuses to build the model{where}: {text}"
     pc = sc.vllm_config.parallel_config
     tp, ep = pc.tensor_parallel_size, bool(pc.enable_expert_parallel)
-    return (f"vLLM {sc.vllm_version}{where} at TP {tp}" + (" with EP" if ep else "") + f": {text.rstrip('. ')}; "
-            + _what_builds(sc, m, tp, ep, cls))
+    numbers = f" (per rank {rule[0]}, not a multiple of {rule[1]})" if rule and not _NOT_DIVISIBLE.search(text) else ""
+    return (f"vLLM {sc.vllm_version}{where} at TP {tp}" + (" with EP" if ep else "") + f": {text.rstrip('. ')}"
+            + f"{numbers}; " + _what_builds(sc, rule, tp, ep, cls))
 
 
-def _what_builds(sc: Scenario, m, tp: int, ep: bool, cls: str | None) -> str:
+def _what_builds(sc: Scenario, rule: tuple[int, int] | None, tp: int, ep: bool, cls: str | None) -> str:
     """The TP sizes (and EP) at which vLLM builds the model instead, confirmed by asking vLLM to build it.
 
-    Where vLLM states its rule (a per-rank size that a block must divide), the TP sizes it accepts for the
-    whole size (per-rank size x TP) are listed, and the largest one below the requested TP is built."""
+    Where the rule is known (a per-rank size that a block must divide), the TP sizes it accepts for the whole
+    size (per-rank size x TP) are listed, and the largest one below the requested TP is built."""
     candidates = [t for t in (2 ** k for k in range(8)) if t <= sc.gpu.count and t != tp]
-    if m and ep and cls and "MoE" in cls:
-        m = None  # with EP the experts are not split over TP: vLLM's per-rank size is the whole size
-    if m:
-        size, block = int(m.group(1)) * tp, int(m.group(2))
+    if rule and ep and cls and "MoE" in cls:
+        rule = None  # with EP the experts are not split over TP: vLLM's per-rank size is the whole size
+    if rule:
+        size, block = rule[0] * tp, rule[1]
         candidates = [t for t in candidates if size % t == 0 and (size // t) % block == 0]
     smaller = next((t for t in sorted(candidates, reverse=True) if t < tp and _builds(sc, "-tp", str(t))), None)
     parts = [f"vLLM builds it at TP {smaller}" if smaller else "no smaller TP size builds"]
-    if m:
+    if rule:
         parts[0] += (f" (the rule holds at TP {', '.join(map(str, candidates)) or 'none'} of the powers of two up "
                      f"to {sc.gpu.count})")
     if not ep and cls and "MoE" in cls:
