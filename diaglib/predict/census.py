@@ -16,7 +16,8 @@ The only fakes are the census's own, switched on for a pass and off after it:
   kernels inside are recorded too (where that fails, their registered fake stands in and the op says so); ops
   with a meta or fake implementation run it; C++ kernels without one write their out-arguments (passed through)
   or are shaped by :data:`_NO_META` (each entry cites the kernel source it follows); ``.item()``, ``.tolist()``
-  and ``.numpy()`` of a meta tensor are 1s (``.item()`` noted); a host-to-meta copy keeps the meta tensor; a meta tensor copied to the host stays on meta.
+  and ``.numpy()`` of a meta tensor are 1s (``.item()`` noted); a host-to-meta copy keeps the meta tensor; a
+  meta tensor copied to the host stays on meta.
 - Triton launches record their grid (the launcher's own) and are not launched (an autotuned kernel takes the
   first of its pruned configs instead of a benchmark, and says so); device housekeeping
   (``empty_cache``, ``synchronize``) does nothing; FlashInfer's JIT builds are switched off (its own
