@@ -195,40 +195,30 @@ def registered(sc: Scenario, registry: dict | None = None):
 _NOT_DIVISIBLE = re.compile(r"=\s*(\d+)\s+is not divisible\s+by\s+[\w ]+?\s*=\s*(\d+)")  # vLLM's wording
 
 
+def _frames(e: BaseException):
+    """The local variables of every frame ``e`` passed through, outermost first."""
+    tb = e.__traceback__
+    while tb is not None:
+        yield tb.tb_frame.f_locals
+        tb = tb.tb_next
+
+
 def _refusing_layer(e: BaseException) -> tuple[str | None, str | None]:
     """(module prefix, class) of the innermost layer under construction when vLLM raised ``e``."""
-    tb, found = e.__traceback__, (None, None)
-    while tb is not None:
-        f = tb.tb_frame.f_locals
+    found = (None, None)
+    for f in _frames(e):
         prefix = f.get("prefix")
         if isinstance(prefix, str) and prefix:
             found = (prefix, type(f["self"]).__name__ if "self" in f else None)
-        tb = tb.tb_next
     return found
 
 
-def _rank_rule(e: BaseException, text: str) -> tuple[int, int] | None:
-    """(per-rank size, the block it must be a multiple of) behind a shape refusal: from vLLM's wording where it
-    gives the numbers, else from the raising ``create_weights`` frame's own arguments (AWQ's and GPTQ's "The input
-    size is not aligned with the quantized weight shape" names none)."""
-    m = _NOT_DIVISIBLE.search(text)
-    if m:
-        return int(m.group(1)), int(m.group(2))
-    if "aligned" not in text:
-        return None
-    tb, frame = e.__traceback__, None
-    while tb is not None:
-        if "input_size_per_partition" in tb.tb_frame.f_locals:
-            frame = tb.tb_frame.f_locals
-        tb = tb.tb_next
+def _input_rule(e: BaseException) -> tuple[int, int] | None:
+    """(per-rank input size, the group it must be a multiple of) from the innermost ``create_weights`` frame that
+    raised: AWQ's and GPTQ's "The input size is not aligned with the quantized weight shape" names no numbers."""
+    frame = next((f for f in reversed(list(_frames(e))) if "input_size_per_partition" in f), None)
     qc = getattr(frame.get("self"), "quant_config", None) if frame else None
-    if qc is None:
-        return None
-    if text.startswith("The output size"):
-        pack = getattr(qc, "pack_factor", None)
-        pack = getattr(pack, "numerator", pack)
-        return (sum(frame.get("output_partition_sizes") or ()), int(pack)) if isinstance(pack, int) else None
-    group = frame.get("group_size", getattr(qc, "group_size", None))
+    group = frame.get("group_size", getattr(qc, "group_size", None)) if qc is not None else None
     if not isinstance(group, int) or group <= 0:
         return None
     return int(frame["input_size_per_partition"]), group
@@ -238,12 +228,13 @@ def _explain_refusal(sc: Scenario, e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     prefix, cls = _refusing_layer(e)
     where = f" while building {prefix}" + (f" ({cls})" if cls else "") if prefix else ""
-    rule = _rank_rule(e, text)
-    if rule is None and "aligned" not in text:
+    m = _NOT_DIVISIBLE.search(text)
+    if not m and "aligned" not in text:
         return f"vLLM {sc.vllm_version} refuses to build the model{where}: {text}"
+    rule = (int(m.group(1)), int(m.group(2))) if m else _input_rule(e) if text.startswith("The input") else None
+    numbers = f" (per rank {rule[0]}, not a multiple of {rule[1]})" if rule and not m else ""
     pc = sc.vllm_config.parallel_config
     tp, ep = pc.tensor_parallel_size, bool(pc.enable_expert_parallel)
-    numbers = f" (per rank {rule[0]}, not a multiple of {rule[1]})" if rule and not _NOT_DIVISIBLE.search(text) else ""
     return (f"vLLM {sc.vllm_version}{where} at TP {tp}" + (" with EP" if ep else "") + f": {text.rstrip('. ')}"
             + f"{numbers}; " + _what_builds(sc, rule, tp, ep, cls))
 
