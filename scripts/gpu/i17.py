@@ -15,6 +15,7 @@ engine logs to DIR/logs/RUN/. ``--dry`` plans every engine and probe without sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -27,9 +28,11 @@ from diaglib.paths import DATA
 
 MODELS = {"zai-org/GLM-4.6-FP8": str(DATA / "models" / "GLM-4.6-FP8"),
           "deepseek-ai/DeepSeek-R1": str(DATA / "models" / "DeepSeek-R1"),
-          "meta-llama/Llama-3.1-8B-Instruct": str(DATA / "models" / "Llama-3.1-8B-Instruct")}
+          "meta-llama/Llama-3.1-8B-Instruct": str(DATA / "models" / "Llama-3.1-8B-Instruct"),
+          "Qwen/Qwen2.5-72B-Instruct-AWQ": str(DATA / "models" / "Qwen2.5-72B-Instruct-ko-AWQ")}
 GLM = "vllm serve zai-org/GLM-4.6-FP8 --enable-chunked-prefill --max-num-batched-tokens 8192 -tp 8"
 DEEPSEEK = "vllm serve deepseek-ai/DeepSeek-R1 -tp 8 --max-num-batched-tokens 8192"
+AWQ = "vllm serve Qwen/Qwen2.5-72B-Instruct-AWQ --max-num-batched-tokens 65536 --enforce-eager"
 DECODE = {"lengths": [128] * 32, "max_tokens": 3}
 
 # (run, serve command, probes, what the boundary map / census predicts there)
@@ -44,8 +47,18 @@ HUNT = [
                          "-cc.cudagraph_mode=FULL"),
      [],
      "FULL graphs up to 512 tokens > max_model_len 256: captured with seq_lens 512 over 16-block block-table rows"),
+    ("hunt-awq-machete", AWQ, [],
+     "census int32: gate_up_proj out [N x 59136] (Machete on sm90) and silu_and_mul over it pass INT32_MAX from "
+     "36,315 tokens; down_proj A [N x 29568] from 72,629; the profile run at start-up is 65,536"),
+    ("hunt-awq-marlin", AWQ, [],
+     "the same crossings through Marlin (MacheteLinearKernel disabled: vLLM's next int4 kernel on sm90)"),
 ]
-HUNT_BATCHES = {"hunt-full-graph": [{"lengths": [255, 255], "max_tokens": 1}, {"lengths": [2] * 200, "max_tokens": 2}]}
+# a prompt is at most max_model_len - 1 (32,767) tokens: steps past it are two prompts scheduled together
+_AWQ_BATCHES = [{"lengths": [18157, 18157], "max_tokens": 1}, {"lengths": [18158, 18158], "max_tokens": 1},
+                {"lengths": [32767, 32767], "max_tokens": 1}]
+HUNT_ENV = {"hunt-awq-marlin": {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}}
+HUNT_BATCHES = {"hunt-full-graph": [{"lengths": [255, 255], "max_tokens": 1}, {"lengths": [2] * 200, "max_tokens": 2}],
+                "hunt-awq-machete": _AWQ_BATCHES, "hunt-awq-marlin": _AWQ_BATCHES}
 
 
 def _glm_probes() -> list:
@@ -62,6 +75,10 @@ def _deepseek_probes() -> list:
 
 def _hunt_probes(run: str, lengths: list[int]) -> list:
     return [*P.exact(lengths)] + [P.batch(b["lengths"], max_tokens=b["max_tokens"]) for b in HUNT_BATCHES.get(run, [])]
+
+
+def _with_env(spec, env: dict):
+    return dataclasses.replace(spec, env={**spec.env, **env})
 
 
 def _run(probes, spec, out: Path, stage: str, name: str, deadline: float, ready: float) -> None:
@@ -91,8 +108,8 @@ def main() -> int:
         jobs = [("i17-deepseek", plan(DEEPSEEK, models=MODELS, gpus=1), _deepseek_probes(), 540)]
     else:
         only = set(a.only.split(",")) if a.only else None
-        jobs = [(run, plan(cmd, models=MODELS, gpus=1), _hunt_probes(run, lengths), 480)
-                for run, cmd, lengths, _ in HUNT if only is None or run in only]
+        jobs = [(run, _with_env(plan(cmd, models=MODELS, gpus=1), HUNT_ENV.get(run, {})), _hunt_probes(run, lengths),
+                 480) for run, cmd, lengths, _ in HUNT if only is None or run in only]
     for name, spec, probes, ready in jobs:
         print(name, spec.command, [p.key for p in probes], flush=True)
         if not a.dry:
