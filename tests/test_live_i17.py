@@ -134,6 +134,25 @@ def test_hunt_ran_past_the_census_int32_crossing_without_a_fault(run, budget):
     assert (probes["outcome"] == "ok").all() and max(probes["total_tokens"]) >= budget - 1 > first
 
 
+@pytest.mark.parametrize("run,kernel", [("hunt-awq-machete", "machete"), ("hunt-awq-marlin", "marlin")])
+def test_int4_awq_steps_past_the_census_crossing_ran_through_the_kernel_vllm_picks_on_the_cpu(run, kernel):
+    from diaglib.predict import census
+
+    records = store.read(R / "hunt-awq" / "live.jsonl")
+    eng = next(e for e in records if e.get("type") == "engine" and e["run"] == run)
+    sc = kernels._scenario_of(R / "hunt-awq", eng)
+    with compat.vllm_env(kernels._settings(eng)):
+        th = census.thresholds(sc, "prefill")
+    crossing = th.dropna(subset=["tokens"]).sort_values("tokens").iloc[0]
+    assert crossing["module"].endswith("gate_up_proj") and kernel in crossing["op"]
+    log = (R / "hunt-awq" / "logs" / run / Path(eng["log"]).name).read_text(errors="replace")
+    assert re.search(rf"Using {kernel}LinearKernel for AWQMarlinLinearMethod", log, re.I)
+    probes = store.probes(R / "hunt-awq" / "live.jsonl", run).set_index("key")
+    below, above = probes.loc["b2x18157", "total_tokens"], probes.loc["b2x18158", "total_tokens"]
+    assert below < int(crossing["tokens"]) <= above and max(probes["total_tokens"]) >= 65534
+    assert (probes["outcome"] == "ok").all()  # the int32 crossing is headroom the kernels do not need
+
+
 def _log(rec: dict) -> str:
     return (R / "hunt" / "logs" / rec["run"] / Path(rec["log"]).name).read_text(errors="replace")
 
