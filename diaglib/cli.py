@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -720,6 +721,13 @@ def _bytecode_cache() -> None:
         sys.dont_write_bytecode = False
 
 
+def _skip_iri_grammars() -> None:
+    """jsonschema checks the "iri" string format only when the optional ``rfc3987_syntax`` is installed (Jupyter
+    brings it), which compiles about 30 Earley grammars at import: 1.5-2.5 s of every cold answer, reached through
+    vLLM's gguf and mistral_common imports. Nothing diaglib asks vLLM validates an IRI, so this process goes without."""
+    sys.modules.setdefault("rfc3987_syntax", None)
+
+
 def _internal_error(exc: BaseException, q: _Quiet) -> str:
     """One line naming an unexpected exception and where it was raised (the traceback is in the log)."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -759,12 +767,28 @@ def _run_cached(args, serve: bool) -> int:
         if hit is not None:
             args._answers.append((hit["json"], hit["text"]))
             return 0
-    rc = args.func(args) or 0
+    with _collector_paused(getattr(args.func, "cacheable", False)):
+        rc = args.func(args) or 0
     if k and rc == 0 and len(args._answers) == 1:
         data, text = args._answers[0]
         cache.put(k, {"json": data, "text": text},
                   {"namespace": f"cli {args.command}", "parts": parts, "environment": cache.environment()})
     return rc
+
+
+@contextlib.contextmanager
+def _collector_paused(pause: bool):
+    """Python's cyclic collector off while a one-answer command runs: importing vLLM (torch, transformers, and
+    grammars some of their dependencies compile at import) grows the heap by millions of objects, and each full
+    collection on the way walks all of them; what such a command leaves is freed when its process ends."""
+    if not pause or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def one_line(text: str) -> str:
@@ -777,6 +801,7 @@ def one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         _bytecode_cache()
+        _skip_iri_grammars()
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     args._argv = argv

@@ -174,6 +174,9 @@ def prepare_vllm(gpu: GpuSpec) -> bool:
     # several vLLM versions on one host each overwrites the others' and re-inspects in a subprocess (~25 s)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(base / "vllm" / f"whatif-{compat.installed()}"))
+    # humming (a kernel library newer vLLM releases import) starts two background JIT builds when imported;
+    # no what-if answer launches a kernel, so they would only take the CPUs from the answer
+    os.environ.setdefault("HUMMING_DISABLE_PARALLEL_BUILD", "1")
     whatif.activate(gpu)
     _quiet_vllm_logging()
     return True

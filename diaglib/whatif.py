@@ -44,6 +44,7 @@ import types
 from importlib.util import find_spec
 from pathlib import Path
 
+from .cache import root as cache_root
 from .errors import DiagError
 from .gpus import GpuSpec
 
@@ -155,7 +156,7 @@ def _driver_symbols(package_dir: Path) -> list[str]:
 
 
 def _stub_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diaglib"
+    return cache_root()
 
 
 def _load_stub_libcuda() -> None:

@@ -1,6 +1,7 @@
 """The version contract of the vLLM release installed here (run by `nox -s contract`, one release per session).
 
     .venvs/vllm-X/bin/python scripts/contract.py --out data/matrix/vllm-X.json [--no-report] [--no-tests]
+    .venvs/vllm-X/bin/python scripts/contract.py --out data/matrix/vllm-X.json --zoo-only   (3. alone, merged)
 
 1. Every command on the seed's scenario and on a dense model, in-process through `diaglib.cli.main` with the
    answer cache off: exit status and, where diaglib or vLLM refuses, the one-line reason.
@@ -57,7 +58,7 @@ def run_cli(argv: list[str]) -> dict:
         rc, tb = -1, traceback.format_exc()
         err.write(tb)
     lines = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else ""
+    last = (lines[-1] if lines else "").replace(f"{ROOT}{os.sep}", "")  # the checkout's paths, relative
     status = "ok" if rc == 0 else "refused" if rc == 2 and last.startswith("diaglib: error: ") else "failed"
     row = {"argv": argv, "rc": rc, "status": status, "seconds": round(time.perf_counter() - t0, 2)}
     if status == "refused":
@@ -154,14 +155,26 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-report", action="store_true", help="skip building the report")
     ap.add_argument("--no-tests", action="store_true", help="skip the contract-marked tests")
+    ap.add_argument("--zoo-only", action="store_true",
+                    help="run only `show` of every model folder and replace the zoo rows of an existing --out")
     args = ap.parse_args()
     from diaglib import compat
 
     t0 = time.time()
-    result = {"vllm": compat.installed(), "date": datetime.date.today().isoformat(),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
-              "python": sys.version.split()[0]}
+    stamp = {"date": datetime.date.today().isoformat(),
+             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                      text=True).stdout.strip()}
+    if args.zoo_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        if result["vllm"] != compat.installed():
+            sys.exit(f"{out} holds vLLM {result['vllm']}'s contract, this environment has {compat.installed()}")
+        result["zoo"], result["zoo_run"] = zoo(), {**stamp, "seconds": round(time.time() - t0)}
+        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(f"vLLM {result['vllm']}: zoo of {len(result['zoo'])} models, "
+              f"{sum(z['status'] == 'failed' for z in result['zoo'])} failed -> {out}")
+        return
+    result = {"vllm": compat.installed(), **stamp, "python": sys.version.split()[0]}
     import importlib.metadata as md
 
     result["torch"] = md.version("torch")
