@@ -35,13 +35,14 @@ def render(results: list[dict]) -> str:
     supported = sorted((p.stem.removeprefix("vllm-") for p in (ROOT / "envs").glob("vllm-*.txt")), key=_key)
     have = {r["vllm"] for r in results}
     runs = sorted({(r["date"], r["commit"]) for r in results})
-    zoo_runs = sorted({(r["zoo_run"]["date"], r["zoo_run"]["commit"]) for r in results if "zoo_run" in r})
+    partial = sorted({(p["date"], p["commit"], ", ".join(p["parts"]))
+                      for r in results for p in r.get("partial_runs", [])})
     out = ["# vLLM release compatibility", "",
            "Written by `make matrix` (noxfile.py `contract` sessions: scripts/contract.py under each release's own "
            "environment, then scripts/compat_md.py). Do not edit by hand.", "",
            "Runs: " + "; ".join(f"{d} on commit {c}" for d, c in runs) + "."
-           + (" Model-folder rows refreshed alone (`contract.py --zoo-only`): "
-              + "; ".join(f"{d} on commit {c}" for d, c in zoo_runs) + "." if zoo_runs else ""),
+           + (" Parts rerun alone (`contract.py --only`): "
+              + "; ".join(f"{parts} {d} on commit {c}" for d, c, parts in partial) + "." if partial else ""),
            f"Releases covered: {len(have)} of {len(supported)}"
            + (f" (missing: {', '.join(v for v in supported if v not in have)})" if have != set(supported) else "")
            + ".", "",

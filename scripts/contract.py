@@ -1,7 +1,7 @@
 """The version contract of the vLLM release installed here (run by `nox -s contract`, one release per session).
 
     .venvs/vllm-X/bin/python scripts/contract.py --out data/matrix/vllm-X.json [--no-report] [--no-tests]
-    .venvs/vllm-X/bin/python scripts/contract.py --out data/matrix/vllm-X.json --zoo-only   (3. alone, merged)
+    .venvs/vllm-X/bin/python scripts/contract.py --out data/matrix/vllm-X.json --only zoo,tests   (merged)
 
 1. Every command on the seed's scenario and on a dense model, in-process through `diaglib.cli.main` with the
    answer cache off: exit status and, where diaglib or vLLM refuses, the one-line reason.
@@ -10,7 +10,8 @@
    budget) and what the steps of 8191, 8192 and 8193 tokens run (compiled range, graph mode, padding, MoE path).
 3. `show` of every model folder under data/models (TP 8 on 8x H200, else the largest TP vLLM accepts).
 4. The tests marked `contract` (they compare diaglib's answers with this vLLM's own objects).
-A command counts as verified when it answered and the contract tests of its topic passed.
+A command counts as verified when it answered and the contract tests of its topic passed. --only reruns some of
+the parts (commands, facts, zoo, tests) into an existing result, which then lists them under "partial_runs".
 """
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ SEED = "vllm serve {model} --enable-chunked-prefill --max-num-batched-tokens 819
 SEED_MODEL = str(ROOT / "data/models/GLM-4.6-FP8")
 DENSE = str(ROOT / "data/models/Llama-3.1-8B-Instruct")
 # Which test files hold the contract tests of each command's topic.
-TOPICS = {"show": ["test_scenario", "test_summarize", "test_zoo"], "dispatch": ["test_dispatch"],
-          "trace": ["test_schedule"], "sweep": ["test_schedule"], "moe": ["test_moe"],
-          "memory": ["test_memory"], "boundaries": ["test_boundaries", "test_known_issues"],
-          "switches": ["test_switches"], "kernels": ["test_census"], "triage": ["test_triage"],
-          "report": ["test_report", "test_notebooks"]}
+TOPICS = {"show": ["test_scenario", "test_summarize", "test_zoo", "test_architectures", "test_compat_config"],
+          "dispatch": ["test_dispatch"], "trace": ["test_schedule"], "sweep": ["test_schedule"],
+          "moe": ["test_moe", "test_layers"], "memory": ["test_memory"], "boundaries": ["test_boundaries"],
+          "switches": ["test_switches"], "kernels": ["test_census"], "report": ["test_report", "test_notebooks"]}
+PARTS = ("commands", "facts", "zoo", "tests")
 
 
 def run_cli(argv: list[str]) -> dict:
@@ -138,7 +139,7 @@ def zoo() -> list[dict]:
 def contract_tests(junit: Path) -> dict[str, dict[str, int]]:
     """Run the tests marked `contract`; per test file: passed / failed / skipped."""
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "contract", "-p", "no:cacheprovider",
-                    f"--junitxml={junit}"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                    "-n", str(min(os.cpu_count() or 1, 4)), "--dist", "loadfile", f"--junitxml={junit}"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
     out: dict[str, dict[str, int]] = {}
     if not junit.exists():
         return out
@@ -155,8 +156,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--no-report", action="store_true", help="skip building the report")
     ap.add_argument("--no-tests", action="store_true", help="skip the contract-marked tests")
-    ap.add_argument("--zoo-only", action="store_true",
-                    help="run only `show` of every model folder and replace the zoo rows of an existing --out")
+    ap.add_argument("--only", type=lambda t: t.split(","), default=None, metavar="PART[,PART]",
+                    help=f"rerun only these parts ({', '.join(PARTS)}) into the existing --out")
     args = ap.parse_args()
     from diaglib import compat
 
@@ -164,43 +165,49 @@ def main() -> None:
     stamp = {"date": datetime.date.today().isoformat(),
              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                       text=True).stdout.strip()}
-    if args.zoo_only:
-        out = Path(args.out)
+    out = Path(args.out)
+    parts = set(args.only or PARTS)
+    if parts - set(PARTS):
+        sys.exit(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; the parts: {', '.join(PARTS)}")
+    if args.only:
         result = json.loads(out.read_text())
         if result["vllm"] != compat.installed():
             sys.exit(f"{out} holds vLLM {result['vllm']}'s contract, this environment has {compat.installed()}")
-        result["zoo"], result["zoo_run"] = zoo(), {**stamp, "seconds": round(time.time() - t0)}
-        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
-        print(f"vLLM {result['vllm']}: zoo of {len(result['zoo'])} models, "
-              f"{sum(z['status'] == 'failed' for z in result['zoo'])} failed -> {out}")
-        return
-    result = {"vllm": compat.installed(), **stamp, "python": sys.version.split()[0]}
-    import importlib.metadata as md
+    else:
+        import importlib.metadata as md
 
-    result["torch"] = md.version("torch")
-    with tempfile.TemporaryDirectory() as tmp:
-        result["seed"] = {name: run_cli(argv) for name, argv in
-                          commands(SEED_MODEL, 8, "NVIDIA H20", report_dir=None if args.no_report else tmp).items()}
-        result["dense"] = {name: run_cli(argv) for name, argv in
-                           commands(DENSE, 1, "NVIDIA H200", report_dir=None).items()}
-    for part in ("seed", "dense"):
-        for row in result[part].values():
-            row.pop("json", None)
-    result["facts"] = []
-    for gpu in ("NVIDIA H20", "NVIDIA H200"):
-        try:
-            result["facts"].append(facts(gpu))
-        except Exception as e:  # noqa: BLE001 - recorded, one line
-            result["facts"].append({"gpu": gpu, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
-    result["zoo"] = zoo()
-    result["tests"] = {} if args.no_tests else contract_tests(Path(tempfile.gettempdir()) / "contract-junit.xml")
+        result = {"vllm": compat.installed(), **stamp, "python": sys.version.split()[0], "torch": md.version("torch")}
+    if "commands" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            result["seed"] = {name: run_cli(argv) for name, argv in commands(
+                SEED_MODEL, 8, "NVIDIA H20", report_dir=None if args.no_report else tmp).items()}
+            result["dense"] = {name: run_cli(argv) for name, argv in
+                               commands(DENSE, 1, "NVIDIA H200", report_dir=None).items()}
+        for part in ("seed", "dense"):
+            for row in result[part].values():
+                row.pop("json", None)
+    if "facts" in parts:
+        result["facts"] = []
+        for gpu in ("NVIDIA H20", "NVIDIA H200"):
+            try:
+                result["facts"].append(facts(gpu))
+            except Exception as e:  # noqa: BLE001 - recorded, one line
+                result["facts"].append({"gpu": gpu, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"})
+    if "zoo" in parts:
+        result["zoo"] = zoo()
+    if "tests" in parts:
+        result["tests"] = {} if args.no_tests else contract_tests(Path(tempfile.gettempdir()) / "contract-junit.xml")
     result["verified"] = {name: verdict(result, name) for name in {**result["seed"], **result["dense"]}}
-    result["seconds"] = round(time.time() - t0)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    if args.only:
+        result.setdefault("partial_runs", []).append({**stamp, "parts": sorted(parts),
+                                                      "seconds": round(time.time() - t0)})
+    else:
+        result["seconds"] = round(time.time() - t0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     bad = [n for n, v in result["verified"].items() if v.startswith("FAILED")]
     print(f"vLLM {result['vllm']}: {len(result['verified']) - len(bad)} commands answered or refused cleanly, "
-          f"{len(bad)} failed ({', '.join(bad) or 'none'}); {result['seconds']} s -> {args.out}")
+          f"{len(bad)} failed ({', '.join(bad) or 'none'}); {round(time.time() - t0)} s -> {args.out}")
 
 
 def verdict(result: dict, name: str) -> str:

@@ -18,6 +18,8 @@ from diaglib import compat
 from diaglib.compat.detect import takes
 from diaglib.errors import DiagError
 
+pytestmark = pytest.mark.contract
+
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 FOLDERS = sorted(d.name for d in MODELS.iterdir() if (d / "config.json").is_file())
 GPUS = ("NVIDIA H100 80GB HBM3", "NVIDIA B200")

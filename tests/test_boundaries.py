@@ -11,6 +11,8 @@ from diaglib.errors import DiagError
 from diaglib.predict import boundaries, moe, schedule, workload
 from diaglib.predict.dispatch import dispatch
 
+pytestmark = pytest.mark.contract
+
 
 @pytest.fixture(scope="module")
 def bmap(scenario):

@@ -9,6 +9,8 @@ from diaglib import compat
 from diaglib.errors import DiagError
 from diaglib.predict import census, layers, moe
 
+pytestmark = pytest.mark.contract
+
 ZOO = {  # architecture kind -> (serve command, GPU, GPU count)
     "moe": ("vllm serve data/models/tiny-glm-fp8 --enable-chunked-prefill --max-num-batched-tokens 8192",
             "NVIDIA H200", 1),

@@ -9,6 +9,8 @@ import torch
 from diaglib import compat
 from diaglib.predict import layers
 
+pytestmark = pytest.mark.contract
+
 
 def test_moe_layer_is_vllms_fused_moe_with_rank_shapes(scenario):
     hf, tp = scenario.hf_config, scenario.vllm_config.parallel_config.tensor_parallel_size

@@ -7,6 +7,8 @@ import pytest
 from diaglib import compat
 from diaglib.predict import layers, memory, moe
 
+pytestmark = pytest.mark.contract
+
 
 @pytest.fixture(scope="module")
 def weights(scenario):

@@ -14,6 +14,8 @@ from diaglib import compat
 from diaglib.errors import DiagError
 from diaglib.predict import layers, moe
 
+pytestmark = pytest.mark.contract
+
 
 @pytest.fixture(scope="module")
 def info8192(scenario):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.contract
+
 MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 FOLDERS = sorted(d.name for d in MODELS.iterdir() if d.is_dir())
 GPU = "NVIDIA H200"
