@@ -3,7 +3,7 @@
 Run it with the interpreter of the vLLM you want answered, from the repository root (so this checkout's
 diaglib and data are the ones used):
 
-    /work/main/.venvs/vllm-0.20.2/bin/python scripts/check_zoo.py                 # H200 and B200
+    .venvs/vllm-0.20.2/bin/python scripts/check_zoo.py                 # H200 and B200
     .venvs/vllm-0.10.1.1/bin/python scripts/check_zoo.py --gpu "NVIDIA GB200" --json out.json
 
 Only configuration resolution is checked (diaglib.scenario.load: vLLM's serve parser and

@@ -203,6 +203,16 @@ def test_report_builds_every_notebook(built_report):
     print(f"report built in {seconds:.1f} s")
 
 
+def test_the_moe_page_of_a_dense_model_says_so_once(tmp_path):
+    """A model without MoE layers (vLLM builds none) gets an MoE page that says so, not a failed cell."""
+    cmd = "vllm serve data/models/Llama-3.1-8B-Instruct --max-num-batched-tokens 8192"
+    pages = report.build(cmd=cmd, gpu="NVIDIA H200", gpu_count=1, out=tmp_path, only=["moe"])
+    assert [p.error for p in pages] == [None]
+    text = (tmp_path / f"{Path(pages[0].notebook).stem}.html").read_text()
+    said = "Llama-3.1-8B-Instruct (LlamaForCausalLM) has no MoE layers: nothing below applies."  # an output
+    assert text.count(said) == 1 and "Traceback" not in text
+
+
 PYTHON_WARNING = re.compile(r"\b[A-Z]\w*Warning\b|Traceback \(most recent call last\)")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/=]{200,}")  # figures and widget buffers: not text a reader sees
 

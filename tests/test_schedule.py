@@ -264,3 +264,20 @@ def test_cli_trace_and_sweep(scenario_name, tmp_path, capsys):
 def _last_err(capsys) -> str:
     """The CLI's own message: the last stderr line (vLLM logs to stderr before it)."""
     return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_multimodal_folder_without_its_processor_files_is_scheduled_text_only():
+    """A config-only multimodal folder: vLLM cannot build its processor, so the scheduler is vLLM's own in its
+    text-only mode (no encoder cache), said in the notes; the scenario's config keeps its multimodal limits."""
+    from diaglib.scenario import load
+
+    sc = load(cmd="vllm serve data/models/gemma-3-27b-it --max-num-batched-tokens 8192", gpu="NVIDIA H200",
+              gpu_count=1)
+    eng = Engine(sc)
+    assert any(n.startswith("scheduled text-only") for n in eng.notes)
+    assert eng.scheduler.max_num_encoder_input_tokens == 0
+    mine, theirs = eng.cfg.model_config.multimodal_config, sc.vllm_config.model_config.multimodal_config
+    assert mine is not theirs
+    assert mine.get_limit_per_prompt("image") == 0 < theirs.get_limit_per_prompt("image")
+    tr = trace(sc, Workload((Req("a", 9000, 2, 0),)))
+    assert list(tr.per_step["total_tokens"][:3]) == [8192, 808, 1]

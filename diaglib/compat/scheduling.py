@@ -148,15 +148,29 @@ def kv_cache_config(vllm_config, memory_bytes: int):
 
 def new_scheduler(cfg, kv_cfg, block_size: int, hash_block_size: int):
     """The scheduler class the engine core picks, built as the engine core builds it, on ``cfg`` (a
-    :func:`private_config`: the engine writes num_gpu_blocks into it). Returns (scheduler, block hasher)."""
+    :func:`private_config`: the engine writes num_gpu_blocks into it). Returns (scheduler, block hasher, note):
+    the note says why the scheduler was built text-only, where vLLM could not build a multimodal model's processor
+    (a folder without the processor's or the tokenizer's files)."""
     from vllm.v1.structured_output import StructuredOutputManager
 
     cfg.cache_config.num_gpu_blocks = kv_cfg.num_blocks
     cfg.model_config.skip_tokenizer_init = True  # no tokenizer files here; only grammar decoding needs one
-    sched = call("scheduler", scheduler_class(cfg), vllm_config=cfg, kv_cache_config=kv_cfg,
-                 structured_output_manager=StructuredOutputManager(cfg),
-                 include_finished_set=cfg.parallel_config.data_parallel_size > 1, log_stats=False,
-                 block_size=block_size, hash_block_size=hash_block_size)
+
+    def build():
+        return call("scheduler", scheduler_class(cfg), vllm_config=cfg, kv_cache_config=kv_cfg,
+                    structured_output_manager=StructuredOutputManager(cfg),
+                    include_finished_set=cfg.parallel_config.data_parallel_size > 1, log_stats=False,
+                    block_size=block_size, hash_block_size=hash_block_size)
+
+    note = None
+    try:
+        sched = build()
+    except (OSError, ValueError) as e:  # a multimodal processor not buildable here: no processor or tokenizer files
+        if not _text_only(cfg):
+            raise
+        sched = build()
+        note = (f"scheduled text-only (no encoder cache): vLLM could not build the model's multimodal processor "
+                f"({' '.join(str(e).split())[:120]}...); text prompts schedule the same")
     hasher = None
     if cfg.cache_config.enable_prefix_caching and has("vllm.v1.core.kv_cache_utils:get_request_block_hasher"):
         from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
@@ -166,7 +180,22 @@ def new_scheduler(cfg, kv_cfg, block_size: int, hash_block_size: int):
         init_none_hash(fn)
         hasher = call("block hasher", get_request_block_hasher, hash_block_size, fn,
                       num_hash_lookahead_tokens=getattr(cfg, "num_hash_lookahead_tokens", 0))
-    return sched, hasher
+    return sched, hasher, note
+
+
+def _text_only(cfg) -> bool:
+    """Put the private ``cfg`` in vLLM's text-only mode for a multimodal model (every modality's limit 0: what
+    ``--language-model-only``, or ``--limit-mm-per-prompt`` with zeros before it, asks for), so that the scheduler
+    sizes no encoder cache from the model's processor. False where the model takes no multimodal inputs."""
+    mm = getattr(cfg.model_config, "multimodal_config", None)
+    if mm is None or not getattr(cfg.model_config, "is_multimodal_model", False):
+        return False
+    mm = cfg.model_config.multimodal_config = copy.copy(mm)
+    if hasattr(mm, "language_model_only"):
+        mm.language_model_only = True
+    else:
+        mm.limit_per_prompt = dict.fromkeys((*mm.limit_per_prompt, "image", "video", "audio"), 0)
+    return True
 
 
 def new_request(req_id: str, prompt_token_ids: list[int], max_tokens: int, block_hasher, cache_salt: str):

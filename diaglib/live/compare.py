@@ -267,9 +267,10 @@ def engine_config(path: str | Path, run: str | None = None) -> pd.DataFrame:
             rows.append({"run": run, "engine_id": eid, "item": item, "predicted": predicted,
                          "observed": observed, "match": predicted == observed})
 
+        after_load = {"cache.block_size": (s["architecture"].get("kv_block_size") or {}).get("after_load")}
         for part in ("compilation", "scheduler", "cache"):
-            for k, v in (info.get(part) or {}).items():
-                add(f"{part}.{k}", s[part].get(k), v)
+            for k, v in (info.get(part) or {}).items():  # the engine's config is the one after loading its model
+                add(f"{part}.{k}", after_load.get(f"{part}.{k}") or s[part].get(k), v)
         fields = ("layer", "backend", "layers", "flash_attn_version")
         add("attention", [{f: a.get(f) for f in fields} for a in s["architecture"]["attention"]],
             [{f: a.get(f) for f in fields} for a in info.get("attention", [])])

@@ -151,7 +151,8 @@ class Engine:
             memory, why = int(kv_memory_bytes), f"KV memory given: {kv_memory_bytes / 2**30:.2f} GiB per GPU"
         with quiet_gc():
             self.kv_config, block_size, hash_block_size = compat.kv_cache_config(self.cfg, memory)
-            self.scheduler, self.hasher = compat.new_scheduler(self.cfg, self.kv_config, block_size, hash_block_size)
+            self.scheduler, self.hasher, text_only = compat.new_scheduler(self.cfg, self.kv_config, block_size,
+                                                                          hash_block_size)
         self.prefix = (_PrefixHashes(self.hasher, hash_block_size)
                        if self.hasher is not None and compat.can_evict_cached_blocks() else None)
         self.budget = self.cfg.scheduler_config.max_num_batched_tokens
@@ -164,6 +165,8 @@ class Engine:
                            f"{block_size} tokens (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
         if derived_note(self.cfg):
             self.notes.append("graph dispatch " + derived_note(self.cfg))
+        if text_only:
+            self.notes.append(text_only)
 
     def _request(self, slot: int, r):
         if self.prefix is None:  # vLLM's hasher on a salt of its own
