@@ -139,7 +139,8 @@ def zoo() -> list[dict]:
 def contract_tests(junit: Path) -> dict[str, dict[str, int]]:
     """Run the tests marked `contract`; per test file: passed / failed / skipped."""
     subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "contract", "-p", "no:cacheprovider",
-                    "-n", str(min(os.cpu_count() or 1, 4)), "--dist", "loadfile", f"--junitxml={junit}"], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+                    "-n", str(min(os.cpu_count() or 1, 4)), "--dist", "loadfile", f"--junitxml={junit}"],
+                   cwd=ROOT, capture_output=True, text=True, timeout=3600)
     out: dict[str, dict[str, int]] = {}
     if not junit.exists():
         return out
