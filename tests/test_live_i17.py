@@ -119,6 +119,46 @@ def test_deepseek_memory_against_the_budget():
     assert 75 < m.loc["weights", "observed_gib"] < 85  # one TP-8 rank of the 671B model in FP8
 
 
+def _hybrid_log(run: str) -> str:
+    eng = next(e for e in store.read(R / "hybrid" / "live.jsonl") if e.get("type") == "engine" and e["run"] == run)
+    return (R / "hybrid" / "logs" / run / Path(eng["log"]).name).read_text(errors="replace")
+
+
+def test_hybrid_engine_matches_diaglib_show_with_the_block_size_vllm_sets_after_loading():
+    """The hybrid rank stand-in (gated DeltaNet + attention, MoE): every item of the engine's config as `show`
+    predicts it, the KV block size included (vLLM raises it after loading the model, to fit the mamba page), but
+    the MoE experts: the device's bundle has no FlashInfer, which this environment has, so vLLM fell back to
+    Triton there (its log lists the candidates)."""
+    ec = compare.engine_config(R / "hybrid" / "live.jsonl", run="i17-hybrid-triton-gdn").set_index("item")
+    assert list(ec.index[~ec["match"]]) == ["moe.experts"]
+    assert (ec.loc["moe.experts", "predicted"], ec.loc["moe.experts", "observed"]) == ("FlashInferExperts",
+                                                                                      "TritonExperts")
+    log = _hybrid_log("i17-hybrid-triton-gdn")
+    assert "Using TRITON Unquantized MoE backend out of potential backends: ['FlashInfer TRTLLM'" in log
+    block = ec.loc["cache.block_size", "observed"]
+    assert f"Setting attention block size to {block} tokens" in log and block > 16  # not the resolved config's
+
+
+def test_hybrid_steps_and_graph_modes_match_the_scheduler_and_dispatcher():
+    st = compare.steps(R / "hybrid" / "live.jsonl")
+    assert set(st["run"]) == {"i17-hybrid-triton-gdn"} and len(st) >= 8
+    assert st["tokens_match"].all() and st["mode_match"].all()
+
+
+def test_hybrid_flashinfer_gdn_prefill_without_flashinfer_fails_every_prefill_and_the_switch_passes():
+    """vLLM 0.20.2 picks FlashInfer's GDN prefill kernel on sm90 without checking that FlashInfer is installed:
+    the engine starts (its warm-up only warns) and every step with a prefill fails; --gdn-prefill-backend triton
+    (the switch vLLM's own message names) passes the same probes."""
+    path = R / "hybrid" / "live.jsonl"
+    bad, good = store.probes(path, "i17-hybrid").set_index("key"), store.probes(path, "i17-hybrid-triton-gdn")
+    forward = bad.drop(index="profile-run")
+    assert (forward["outcome"] == "python_error").all()
+    assert forward["detail"].str.contains("No module named 'flashinfer'").all()
+    assert bad.loc["profile-run", "outcome"] == "ok" and (good["outcome"] == "ok").all()
+    assert "Using FlashInfer GDN prefill kernel" in _hybrid_log("i17-hybrid")
+    assert "Using Triton/FLA GDN prefill kernel" in _hybrid_log("i17-hybrid-triton-gdn")
+
+
 @pytest.mark.parametrize("run,budget", [("hunt-llama-int32", 131072), ("hunt-deepseek-moe", 65536)])
 def test_hunt_ran_past_the_census_int32_crossing_without_a_fault(run, budget):
     from diaglib.predict import census

@@ -7,6 +7,8 @@
 ``deepseek``: the DeepSeek-V3-architecture rank stand-in (DeepSeek-R1's config, one rank of TP 8, 61 layers,
 dummy weights) at an 8192-token budget: 8191 / 8192 / 8193, the decode batch and the profile run (the last
 three profiled).
+``hybrid``: a hybrid-attention rank stand-in (Qwen3-Next's config: gated DeltaNet and full attention layers, MoE;
+one rank of TP 4, dummy weights) at an 8192-token budget: 8191 / 8192 / 8193, the decode batch and the profile run.
 ``hunt``: candidate real faults picked from diaglib's boundary map and census (HUNT): one engine each, its
 probes on both sides of the predicted threshold and at the budget.
 Records go to DIR/<stage>.jsonl (append-only, fsynced per probe; per-step kernel tables in DIR/kernels/),
@@ -29,9 +31,11 @@ from diaglib.paths import DATA
 MODELS = {"zai-org/GLM-4.6-FP8": str(DATA / "models" / "GLM-4.6-FP8"),
           "deepseek-ai/DeepSeek-R1": str(DATA / "models" / "DeepSeek-R1"),
           "meta-llama/Llama-3.1-8B-Instruct": str(DATA / "models" / "Llama-3.1-8B-Instruct"),
-          "Qwen/Qwen2.5-72B-Instruct-AWQ": str(DATA / "models" / "Qwen2.5-72B-Instruct-ko-AWQ")}
+          "Qwen/Qwen2.5-72B-Instruct-AWQ": str(DATA / "models" / "Qwen2.5-72B-Instruct-ko-AWQ"),
+          "Qwen/Qwen3-Next-80B-A3B-Thinking": str(DATA / "models" / "Qwen3-Next-80B-A3B-Thinking")}
 GLM = "vllm serve zai-org/GLM-4.6-FP8 --enable-chunked-prefill --max-num-batched-tokens 8192 -tp 8"
 DEEPSEEK = "vllm serve deepseek-ai/DeepSeek-R1 -tp 8 --max-num-batched-tokens 8192"
+HYBRID = "vllm serve Qwen/Qwen3-Next-80B-A3B-Thinking -tp 4 --max-num-batched-tokens 8192"
 AWQ = "vllm serve Qwen/Qwen2.5-72B-Instruct-AWQ --max-num-batched-tokens 65536 --enforce-eager"
 DECODE = {"lengths": [128] * 32, "max_tokens": 3}
 
@@ -73,6 +77,11 @@ def _deepseek_probes() -> list:
             P.Probe("profile-run", profile=True, profile_run=True)]
 
 
+def _hybrid_probes() -> list:
+    return [*P.exact([8191, 8192, 8193]), P.batch(DECODE["lengths"], max_tokens=DECODE["max_tokens"]),
+            P.Probe("profile-run", profile_run=True)]
+
+
 def _hunt_probes(run: str, lengths: list[int]) -> list:
     return [*P.exact(lengths)] + [P.batch(b["lengths"], max_tokens=b["max_tokens"]) for b in HUNT_BATCHES.get(run, [])]
 
@@ -94,10 +103,10 @@ def _run(probes, spec, out: Path, stage: str, name: str, deadline: float, ready:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["kernels", "deepseek", "hunt"])
+    ap.add_argument("stage", choices=["kernels", "deepseek", "hybrid", "hunt"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--budget", type=float, default=540, help="seconds after which nothing new starts")
-    ap.add_argument("--only", help="hunt: the runs to do, comma-separated (default: all)")
+    ap.add_argument("--only", help="hunt, hybrid: the runs to do, comma-separated (default: all)")
     ap.add_argument("--dry", action="store_true")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -106,6 +115,10 @@ def main() -> int:
         jobs = [("i17-kernels", plan(GLM, models=MODELS, gpus=1), _glm_probes(), 480)]
     elif a.stage == "deepseek":
         jobs = [("i17-deepseek", plan(DEEPSEEK, models=MODELS, gpus=1), _deepseek_probes(), 540)]
+    elif a.stage == "hybrid":
+        jobs = [(name, plan(cmd, models=MODELS, gpus=1), _hybrid_probes(), 540) for name, cmd in
+                (("i17-hybrid", HYBRID), ("i17-hybrid-triton-gdn", HYBRID + " --gdn-prefill-backend triton"))
+                if not a.only or name in a.only.split(",")]
     else:
         only = set(a.only.split(",")) if a.only else None
         jobs = [(run, _with_env(plan(cmd, models=MODELS, gpus=1), HUNT_ENV.get(run, {})), _hunt_probes(run, lengths),
