@@ -119,9 +119,24 @@ def test_deepseek_memory_against_the_budget():
     assert 75 < m.loc["weights", "observed_gib"] < 85  # one TP-8 rank of the 671B model in FP8
 
 
+def _engine(folder: str, run: str) -> dict:
+    return next(e for e in store.read(R / folder / "live.jsonl") if e.get("type") == "engine" and e["run"] == run)
+
+
+def _log(rec: dict, folder: str = "hunt") -> str:
+    return (R / folder / "logs" / rec["run"] / Path(rec["log"]).name).read_text(errors="replace")
+
+
+def _prefill_thresholds(folder: str, eng: dict):
+    """The census's int32 crossings for the engine's command, under the settings it ran with."""
+    from diaglib.predict import census
+
+    with compat.vllm_env(kernels._settings(eng)):
+        return census.thresholds(kernels._scenario_of(R / folder, eng), "prefill")
+
+
 def _hybrid_log(run: str) -> str:
-    eng = next(e for e in store.read(R / "hybrid" / "live.jsonl") if e.get("type") == "engine" and e["run"] == run)
-    return (R / "hybrid" / "logs" / run / Path(eng["log"]).name).read_text(errors="replace")
+    return _log(_engine("hybrid", run), "hybrid")
 
 
 def test_hybrid_engine_matches_diaglib_show_with_the_block_size_vllm_sets_after_loading():
@@ -161,14 +176,7 @@ def test_hybrid_flashinfer_gdn_prefill_without_flashinfer_fails_every_prefill_an
 
 @pytest.mark.parametrize("run,budget", [("hunt-llama-int32", 131072), ("hunt-deepseek-moe", 65536)])
 def test_hunt_ran_past_the_census_int32_crossing_without_a_fault(run, budget):
-    from diaglib.predict import census
-
-    records = store.read(R / "hunt" / "live.jsonl")
-    eng = next(e for e in records if e.get("type") == "engine" and e["run"] == run)
-    sc = kernels._scenario_of(R / "hunt", eng)
-    with compat.vllm_env(kernels._settings(eng)):
-        th = census.thresholds(sc, "prefill")
-    first = int(th["tokens"].dropna().min())
+    first = int(_prefill_thresholds("hunt", _engine("hunt", run))["tokens"].dropna().min())
     probes = store.probes(R / "hunt" / "live.jsonl", run).set_index("key")
     assert {f"p{first - 1}", f"p{first}"} <= set(probes.index)
     assert (probes["outcome"] == "ok").all() and max(probes["total_tokens"]) >= budget - 1 > first
@@ -176,27 +184,17 @@ def test_hunt_ran_past_the_census_int32_crossing_without_a_fault(run, budget):
 
 @pytest.mark.parametrize("run,kernel", [("hunt-awq-machete", "machete"), ("hunt-awq-marlin", "marlin")])
 def test_int4_awq_steps_past_the_census_crossing_ran_through_the_kernel_vllm_picks_on_the_cpu(run, kernel):
-    from diaglib.predict import census
-
-    records = store.read(R / "hunt-awq" / "live.jsonl")
-    eng = next(e for e in records if e.get("type") == "engine" and e["run"] == run)
-    sc = kernels._scenario_of(R / "hunt-awq", eng)
-    with compat.vllm_env(kernels._settings(eng)):
-        th = census.thresholds(sc, "prefill")
-    th = th.dropna(subset=["tokens"])
+    eng = _engine("hunt-awq", run)
+    th = _prefill_thresholds("hunt-awq", eng).dropna(subset=["tokens"])
     first = th[th["tokens"] == th["tokens"].min()]  # gate_up_proj's output and the activation over it: a tie
     crossing = first[first["module"].str.endswith("gate_up_proj")].iloc[0]
     assert kernel in crossing["op"]
-    log = (R / "hunt-awq" / "logs" / run / Path(eng["log"]).name).read_text(errors="replace")
+    log = _log(eng, "hunt-awq")
     assert re.search(rf"Using {kernel}LinearKernel for AWQMarlinLinearMethod", log, re.I)
     probes = store.probes(R / "hunt-awq" / "live.jsonl", run).set_index("key")
     below, above = probes.loc["b2x18157", "total_tokens"], probes.loc["b2x18158", "total_tokens"]
     assert below < int(crossing["tokens"]) <= above and max(probes["total_tokens"]) >= 65534
     assert (probes["outcome"] == "ok").all()  # the int32 crossing is headroom the kernels do not need
-
-
-def _log(rec: dict) -> str:
-    return (R / "hunt" / "logs" / rec["run"] / Path(rec["log"]).name).read_text(errors="replace")
 
 
 def test_full_graph_fault_classifies_and_the_catalog_predicts_it():
