@@ -134,6 +134,11 @@ def model_files(folder: str | Path) -> dict[str, str]:
     return {f.name: file_hash(f) for f in sorted(d.glob("*.json")) if f.is_file()}
 
 
+def model_id(folder: str | Path) -> str:
+    """A model folder by its content (the hashes of its JSON files), wherever it lies."""
+    return "model-files:" + _sha(json.dumps(model_files(folder), sort_keys=True))[:20]
+
+
 def file_hash(path: str | Path) -> str:
     """The content hash of one file (a record's data that lives beside its store)."""
     return _sha(Path(path).read_bytes())[:20]
@@ -174,7 +179,7 @@ def command_content(command: str, models: dict[str, str] | None = None) -> dict:
     argv, found = _model_words(command, models or {})
     argv = list(argv)
     for i, w, d in found:
-        argv[i] = argv[i].replace(w, "model-files:" + _sha(json.dumps(model_files(d), sort_keys=True))[:20])
+        argv[i] = argv[i].replace(w, model_id(d))
     return {"argv": argv}
 
 

@@ -312,7 +312,6 @@ def cmd_switches(args) -> None:
 
 def cmd_bisect(args) -> None:
     from .live import bisect as B
-    from .live.engine import plan
     from .live.observed import fit
     from .predict import switches as sw
 
@@ -324,20 +323,17 @@ def cmd_bisect(args) -> None:
     sc = _load(args)
     candidates = names or sw.candidates(sc)
     prefix = args.prefix or B.store_prefix(sc) + (f"-planted{args.planted}" if args.planted else "")
-    try:  # plain probes of other runs on the same engine count too (never for a planted rehearsal)
-        base = None if args.planted else plan(sc.command, models=sc.models, gpus=len(gpus or [0]),
-                                               weights=args.weights).as_dict()
-    except DiagError:
-        base = None  # no engine can be planned here (no weights, no stand-in): only this prefix's runs count
-    known = B.known_from_store(args.store, prefix, base)
+    # plain probes of other runs on an engine built as a trial's would be count too (never for a planted rehearsal)
+    engines = {} if args.planted else B.planned_engines(sc, candidates, gpus=gpus, weights=args.weights)
+    known = B.known_from_store(args.store, prefix, engines)
     if gpus is None and not any(not s and t == args.tokens for s, t, _ in known):
         raise DiagError(f"no result for {args.tokens} tokens in {args.store} and no GPU here to run it")
     run = B.live_oracle(sc, store_path=args.store, prefix=prefix, weights=args.weights, gpus=gpus,
                         probe_timeout_s=args.timeout, make_probe=_planted_probe(args.planted))
     result = B.bisect(run, args.tokens, candidates, token_range=rng, known=known,
                       max_runs=0 if gpus is None else args.max_runs, precheck=B.vllm_precheck(sc))
-    data, text = B.describe(result, sc)
-    classes = fit(sc, data)
+    data, text = B.describe(result, sc, B.fault_detail(args.store, prefix, engines, args.tokens))
+    classes = fit(sc, data, {"error": data["error"]})
     fits = classes[classes.verdict == "fits"]
     text += "\nknown classes that fit: " + (", ".join(fits.id) or "none") + "".join(
         f"\n  {r.id}: {r.why}" for r in fits.itertuples())
@@ -385,7 +381,8 @@ def cmd_evidence(args) -> None:
         about["planted"] = (f"rehearsal: a planted Triton out-of-bounds write fires with CUDA graphs on in a "
                             f"forward pass of {args.planted} tokens")
     facts = E.findings(results, Path(work))
-    classes = fit(sc, None, {"kernel": facts["kernel"]})
+    error = next((s["detail"] for s in facts["steps"] if s["outcome"] not in (None, "ok")), None)
+    classes = fit(sc, None, {"kernel": facts["kernel"], "error": error})
     out = E.assemble(args.out, results, work, about=about, classes=classes, facts=facts)
     data = json.loads((out / "summary.json").read_text())
     _print(args, data, f"{out}/summary.html\nfaulting kernel: {data['kernel'] or 'not identified'}"

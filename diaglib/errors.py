@@ -40,12 +40,27 @@ def vllm_refusal(exc: BaseException) -> str | None:
         text = " ".join(str(exc).split())[:300]
         return (f"vLLM cannot import its module vllm/{rel}:{importing[-1].lineno} on Python "
                 f"{sys.version.split()[0]}: {type(exc).__name__}: {text}")
+    resolving = any(f.name in _RESOLVING and f.filename.endswith("scenario.py") for f in ours)
+    reader = _config_reader(last)
+    if resolving and reader and any(Path(f.filename).resolve().is_relative_to(top) for f in frames):
+        # transformers (or huggingface_hub) refused the model's config.json while vLLM read it for the command
+        text = " ".join(str(exc).split())[:300]
+        return (f"the model's config.json does not read as vLLM reads it: {type(exc).__name__}: {text} "
+                f"({reader}/{last.name}:{frames[-1].lineno}, on vLLM's behalf)")
     if not last.is_relative_to(top):
         return None
-    resolving = any(f.name in _RESOLVING and f.filename.endswith("scenario.py") for f in ours)
     if not resolving and not isinstance(exc, (AssertionError, ValueError, NotImplementedError)):
         return None
     asked = f", asked by diaglib's {ours[-1].name}" if ours else ""
     text = " ".join(str(exc).split())
     text = text if isinstance(exc, (AssertionError, ValueError)) and text else f"{type(exc).__name__}: {text}"
     return f"vLLM refused: {text} (vllm/{last.relative_to(top).as_posix()}:{frames[-1].lineno}{asked})"
+
+
+def _config_reader(path: Path) -> str | None:
+    """The library vLLM reads a model's config with that ``path`` belongs to (transformers, huggingface_hub)."""
+    for name in ("transformers", "huggingface_hub"):
+        where = getattr(sys.modules.get(name), "__path__", None)
+        if where and path.is_relative_to(Path(next(iter(where))).resolve()):
+            return name
+    return None

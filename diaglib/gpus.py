@@ -42,6 +42,8 @@ def catalog() -> dict[str, dict]:
 def gpu_spec(name: str, count: int = 1, memory_mib: int | None = None) -> GpuSpec:
     """Look a GPU up by name: case and an 'NVIDIA ' prefix optional; a unique start of a catalog name will do
     ("H100" -> "NVIDIA H100 80GB HBM3")."""
+    if not isinstance(name, str):
+        raise DiagError(f"a GPU is named by text (e.g. \"NVIDIA H200\"), not {name!r}")
     wanted = _key(name)
     names = {_key(known): known for known in catalog()}
     known = names.get(wanted)
@@ -52,8 +54,13 @@ def gpu_spec(name: str, count: int = 1, memory_mib: int | None = None) -> GpuSpe
         known = starts[0] if starts else None
     if known is None:
         raise DiagError(f"unknown GPU {name!r}; known: {', '.join(catalog())} (add it to data/gpus.json)")
+    for what, v in (("GPU count", count), ("GPU memory (MiB)", memory_mib)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise DiagError(f"{what} must be a whole number, not {v!r}")
     if count < 1:
         raise DiagError(f"GPU count must be at least 1, not {count}")
+    if memory_mib is not None and memory_mib < 1:
+        raise DiagError(f"GPU memory must be at least 1 MiB, not {memory_mib}")
     spec = catalog()[known]
     return GpuSpec(known, tuple(spec["capability"]), memory_mib or spec["memory_mib"], spec["sms"], count)
 

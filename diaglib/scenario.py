@@ -146,8 +146,10 @@ def read_scenario_file(path: Path) -> dict:
 def from_command(command: str, *, gpu: GpuSpec, models: dict[str, str] | None = None,
                  name: str = "command line", source: Path | None = None) -> Scenario:
     """Resolve one `vllm serve ...` command line for ``gpu`` through vLLM's parser and config code."""
-    simulated = prepare_vllm(gpu)
     argv = serve_argv(command)
+    if len(argv) > 1 and not argv[1].startswith("-"):  # the positional model: a bad folder is said before vLLM loads
+        resolve_model_dir(argv[1], models or {})
+    simulated = prepare_vllm(gpu)
     args = parse_serve_args(argv)
     tag = args.model_tag or getattr(args, "model", None)
     model_dir = resolve_model_dir(tag, models or {})
@@ -155,6 +157,7 @@ def from_command(command: str, *, gpu: GpuSpec, models: dict[str, str] | None = 
     if getattr(args, "served_model_name", None) is None and tag != str(model_dir):
         args.served_model_name = [tag]
     config = create_config(args, gpu)
+    check_field_types(config[1].model_config.hf_config)
     return Scenario(name=name, command=command, gpu=gpu, model_dir=model_dir, argv=argv, args=args,
                     engine_args=config[0], vllm_config=config[1], vllm_version=compat.installed(),
                     simulated=simulated, source=source, models=dict(models or {}))
@@ -257,10 +260,28 @@ def resolve_model_dir(tag: str | None, models: dict[str, str]) -> Path:
     if not cfg.is_file():
         raise DiagError(f"model folder {d} has no config.json")
     try:
-        json.loads(cfg.read_text())
+        data = json.loads(cfg.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DiagError(f"{cfg}: not UTF-8 text (byte {e.start}): config.json must be JSON text") from None
     except json.JSONDecodeError as e:
         raise DiagError(f"{cfg}: malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DiagError(f"{cfg}: the top level is a JSON {type(data).__name__}; a config.json holds one object")
     return d.resolve()
+
+
+def check_field_types(hf_config) -> None:
+    """A config.json number given as text (``"hidden_size": "big"``), which older transformers accept and the
+    model's shapes then fail on: said against the config class's own default, in one line."""
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    try:
+        default = type(text)()
+    except Exception:  # a config class that needs arguments: nothing to compare with
+        return
+    for key, value in vars(text).items():
+        d = getattr(default, key, None)
+        if isinstance(value, str) and isinstance(d, (int, float)) and not isinstance(d, bool):
+            raise DiagError(f"config.json: {key} is {value!r}, not a number ({type(text).__name__}'s default is {d})")
 
 
 def _forget_env_writes() -> None:
@@ -290,8 +311,9 @@ def create_config(args: argparse.Namespace, gpu: GpuSpec):
                         f"but the scenario has {gpu.count} x {gpu.name}")
     _forget_env_writes()
     try:
-        engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        with whatif.scenario_gpu_count(gpu):
+            engine_args = AsyncEngineArgs.from_cli_args(args)
+            vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
     except (ValueError, TypeError, OSError, NotImplementedError) as e:
         raise DiagError(f"vLLM rejected the configuration: {_explain_rejection(e)}") from None
     return engine_args, vllm_config

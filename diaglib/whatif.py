@@ -30,9 +30,13 @@ level that works, never a vLLM backend or layer; what it overrides, and why:
    importing it cannot initialise CUDA in the server; the child would see the machine as it is (no
    driver, no what-if GPU) and costs a fresh vLLM import per architecture. Here nothing can initialise
    CUDA, so the same inspection runs in this process.
+
+On a real GPU host one answer only, and only while a config resolves: the GPU count, where the host has fewer
+GPUs than the scenario names (:func:`scenario_gpu_count`; a rank stand-in runs one rank of TP 8 on one GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -108,6 +112,27 @@ def _forget_device_answers() -> None:
                     obj = obj.__func__
                 if isinstance(obj, functools._lru_cache_wrapper):
                     obj.cache_clear()
+
+
+@contextlib.contextmanager
+def scenario_gpu_count(gpu: GpuSpec):
+    """On a real GPU host with fewer GPUs than ``gpu.count`` (the host of a rank stand-in), a config resolves for
+    the scenario's GPUs: torch's device count, which vLLM checks the world size against, answers ``gpu.count``
+    meanwhile (vLLM's memoised counts forgotten before and after). Nothing else is changed, and nothing outside:
+    the engines diaglib starts are other processes and see the real GPUs."""
+    import torch.cuda as cuda
+
+    if _active is not None or not real_gpu_present() or cuda.device_count() >= gpu.count:
+        yield
+        return
+    saved = cuda._device_count_nvml, cuda.device_count
+    cuda._device_count_nvml = cuda.device_count = lambda: gpu.count
+    _forget_device_answers()
+    try:
+        yield
+    finally:
+        cuda._device_count_nvml, cuda.device_count = saved
+        _forget_device_answers()
 
 
 def _platform_is_ours() -> bool:

@@ -169,11 +169,14 @@ def main() -> None:
     out = Path(args.out)
     parts = set(args.only or PARTS)
     if parts - set(PARTS):
-        sys.exit(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; the parts: {', '.join(PARTS)}")
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(parts - set(PARTS)))}; the parts: {', '.join(PARTS)}")
     if args.only:
-        result = json.loads(out.read_text())
-        if result["vllm"] != compat.installed():
-            sys.exit(f"{out} holds vLLM {result['vllm']}'s contract, this environment has {compat.installed()}")
+        try:
+            result = json.loads(out.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            ap.error(f"--only merges into an existing contract: cannot read {out}: {e}")
+        if result.get("vllm") != compat.installed():
+            ap.error(f"{out} holds vLLM {result.get('vllm')}'s contract, this environment has {compat.installed()}")
     else:
         import importlib.metadata as md
 

@@ -320,3 +320,18 @@ def test_a_quantization_vllm_applies_to_no_layer_of_a_folder_without_weights_is_
         assert f["quantization"] and len(said) == 1 and f["quantization"] in said[0]
     else:  # a vLLM that quantizes every layer of a folder without weights
         assert not said and not architecture.unquantized_despite_config(f)
+
+
+def test_a_quantization_of_the_experts_only_is_not_said_to_be_missing():
+    """gpt-oss quantizes its MoE experts (MXFP4) and leaves attention and other linear layers bf16 by design:
+    no "unquantized although" hint where vLLM attached a quantized method to the experts."""
+    from diaglib.predict import architecture
+    from diaglib.scenario import load
+
+    sc = load(cmd=f"vllm serve {MODELS / 'gpt-oss-120b'} -tp 2", gpu=GPUS[0], gpu_count=8)
+    f = architecture.facts(sc)
+    experts = [m for m in f["other_quant_methods"] if not m.startswith("Unquantized")]
+    if not experts:
+        pytest.skip(f"vLLM {compat.installed()} builds gpt-oss's experts unquantized here")
+    assert not architecture.unquantized_despite_config(f)
+    assert not [text for _, text in architecture.format_lines(f) if "unquantized although" in text]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 
@@ -247,8 +248,52 @@ def test_known_from_store_takes_plain_probes_of_the_same_engine(tmp_path):
                             "probe": {"prompts": [8191]}, "outcome": "ok"})
         store.append(path, {"type": "probe", "run": run, "engine_id": "g0", "key": "x",
                             "probe": {"prompts": [8192], "planted": {"fault": "raise"}}, "outcome": "python_error"})
-    assert known_from_store(path, "t", spec) == [(frozenset(), 8191, "ok")]
+    eager = {**spec, "argv": ["serve", "m", "--enforce-eager"]}
+    assert known_from_store(path, "t", {frozenset(): spec}) == [(frozenset(), 8191, "ok")]
+    assert known_from_store(path, "t", {frozenset(): spec, frozenset({"enforce-eager"}): eager}) == [
+        (frozenset(), 8191, "ok"), (frozenset({"enforce-eager"}), 8191, "ok")]
     assert known_from_store(path, "t") == []
+
+
+def test_stored_probes_of_an_engine_planned_in_another_checkout_count(scenario, tmp_path):
+    """Records keep absolute paths of the machine that made them: an engine whose stand-in lay elsewhere is the
+    same engine here when the stand-in folder by that name holds the same files."""
+    from diaglib.live import bisect as B
+    from diaglib.live import store
+
+    planned = B.planned_engines(scenario, ["cudagraph-off"], gpus=[0])
+    base = planned[frozenset()]
+    elsewhere = json.loads(json.dumps(base).replace(base["model_dir"], "/elsewhere/checkout/" + base["model_dir"]
+                                                    .rsplit("/", 1)[-1]))
+    assert elsewhere != base
+    path = tmp_path / "s.jsonl"
+    store.append(path, {"type": "engine", "run": "other", "engine_id": "g0", "spec": elsewhere})
+    store.append(path, {"type": "probe", "run": "other", "engine_id": "g0", "key": "p8192",
+                        "probe": {"prompts": [8192]}, "outcome": "illegal_memory_access"})
+    assert B.known_from_store(path, "t", planned) == [(frozenset(), 8192, "illegal_memory_access")]
+    moved = {**elsewhere, "model_dir": "/elsewhere/no-such-model"}
+    moved["argv"] = [a.replace(elsewhere["model_dir"], moved["model_dir"]) for a in elsewhere["argv"]]
+    store.append(path, {"type": "engine", "run": "gone", "engine_id": "g0", "spec": moved})
+    store.append(path, {"type": "probe", "run": "gone", "engine_id": "g0", "key": "p8191",
+                        "probe": {"prompts": [8191]}, "outcome": "ok"})
+    assert len(B.known_from_store(path, "t", planned)) == 1  # another model: not this engine
+
+
+def test_planned_engines_are_the_ones_the_oracle_starts(scenario, monkeypatch):
+    """The engines a bisection's first trials start, planned on the CPU as the live oracle plans them."""
+    from diaglib.live import bisect as B
+    from diaglib.live import probe
+
+    names = ["enforce-eager", "cudagraph-off"]
+    planned = B.planned_engines(scenario, names, gpus=[0])
+    started = []
+    monkeypatch.setattr(probe, "run", lambda probes, spec, **kw: started.append(spec.as_dict()))
+    run = B.live_oracle(scenario, store_path="/nonexistent/s.jsonl", prefix="t", gpus=[0])
+    for switches in planned:
+        with pytest.raises(DiagError, match="recorded no result"):
+            run(switches, 8192)
+    assert started == list(planned.values())
+    assert len({json.dumps(s, sort_keys=True) for s in started}) == 4  # none, all, each alone: four engines
 
 
 @pytest.mark.parametrize("seed", range(30))

@@ -68,6 +68,18 @@ def test_bad_input_exits_2_with_one_line(args, message):
     assert "Traceback" not in p.stderr
 
 
+def test_a_config_field_of_the_wrong_type_is_the_readers_one_line(scenario, tmp_path):
+    """transformers (huggingface_hub's strict dataclasses on newer ones) refuses the field while vLLM reads
+    the config for the command: its reason, in one line, exit 2; never an internal error."""
+    cfg = json.loads((scenario.model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_size": "big"}))
+    p = run("show", "--no-cache", "--cmd", f"vllm serve {tmp_path}")
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("diaglib: error: ") and "hidden_size" in last and "internal error" not in last
+    assert "Traceback" not in p.stderr
+
+
 def _raised_in_vllm(exc: BaseException, calls_through_vllm: bool = True) -> BaseException:
     """``exc`` raised from code that lives in the installed vLLM's package (compiled under its path)."""
     import vllm

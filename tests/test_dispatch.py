@@ -113,3 +113,17 @@ def test_bad_input(scenario, kwargs, message):
 def test_empty_table_is_an_error(scenario):
     with pytest.raises(DiagError, match="no token counts given"):
         dispatch_table(scenario, [])
+
+
+def test_a_flashinfer_scenario_dispatches_as_the_runner_resolves_it(scenario):
+    """On B200 vLLM picks FlashInfer attention, whose metadata builder reads the current vLLM config while the
+    runner resolves the graph mode: dispatch sets it as the runner's start-up does, and pads as on any other."""
+    sc = scenario.derive("--attention-backend", "FLASHINFER") if "--attention-backend" in compat.serve_options() \
+        else scenario
+    if not compat.attention_backend(sc.vllm_config).startswith("FLASHINFER"):
+        pytest.skip(f"vLLM {compat.installed()} does not take FlashInfer attention by flag here")
+    sizes = _capture_sizes(sc)
+    d = dispatch(sc, sizes[0] + 1, decode=True)
+    decode, mixed = _decode_and_mixed(sc)
+    assert d["padded_tokens"] == min(s for s in sizes if s > sizes[0])
+    assert d["cudagraph_mode"] == (decode if decode != "NONE" else mixed)

@@ -46,12 +46,16 @@ def world(tmp_path_factory):
     variants = {"ok": cfg, "malformed": "{not json", "empty": {}, "no-heads": {**cfg, "num_attention_heads": 0},
                 "odd-heads": {**cfg, "num_attention_heads": 3, "num_key_value_heads": 3},
                 "negative": {**cfg, "hidden_size": -64}, "unknown-arch": {**cfg, "architectures": ["NoSuchForCausalLM"]},
+                "wrong-type": {**cfg, "hidden_size": "big"}, "array": [1, 2, 3], "binary": bytes(range(128, 256)),
                 "no-config": None}
     for name, content in variants.items():
         d = tmp / "models" / name
         d.mkdir(parents=True)
         if content is not None:
-            (d / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+            if isinstance(content, bytes):
+                (d / "config.json").write_bytes(content)
+            else:
+                (d / "config.json").write_text(content if isinstance(content, str) else json.dumps(content))
     folders.update({name: tmp / "models" / name for name in variants})
     afile = tmp / "a-file"
     afile.write_text("x")

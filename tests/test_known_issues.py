@@ -18,7 +18,7 @@ def matched(scenario):
 
 def test_catalog_covers_the_reference_classes_with_links():
     classes = known_issues.catalog()
-    assert len(classes) == 15 and len({c["id"] for c in classes}) == 15
+    assert len(classes) == 16 and len({c["id"] for c in classes}) == 16
     for c in classes:
         for repo, number in c["refs"]:
             assert known_issues.link(repo, number) == f"https://github.com/{repo}/issues/{number}"
@@ -33,6 +33,46 @@ def test_seed_classes_that_apply(scenario, matched):
     assert matched.loc["cudagraph-capture-padding", "threshold_tokens"] == comp["max_cudagraph_capture_size"] + 1 == 513
     assert not matched.loc["fp8-block-tp-alignment", "applies"]  # per-channel FP8, not block
     assert matched.loc["unvalidated-token-ids", "applies"] == (scenario.vllm_version == "0.20.2")
+
+
+def test_required_packages_are_the_installed_vllms_and_a_missing_one_is_named(scenario, matched, monkeypatch):
+    """The requirements are vLLM's own metadata (torch at vLLM's pin); with every one installed the class does
+    not apply here; with one taken away it does, naming the distribution and vLLM's specifier."""
+    import importlib.metadata
+
+    need = compat.requirements()
+    torch_pin = next(r for r in importlib.metadata.requires("vllm") if r.split(";")[0].replace(" ", "")
+                     .startswith("torch=="))
+    assert "torch" in need and torch_pin.startswith("torch" + need["torch"])
+    assert not any(d.startswith("pytest") for d in need)  # extras are left out
+    assert not matched.loc["required-package-missing", "applies"]
+    gone = min(need)
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name == gone:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+    row = known_issues.match(scenario).set_index("id").loc["required-package-missing"]
+    assert row["applies"] and f"requires {gone}{need[gone]}, not installed here" in row["why"]
+
+
+def test_a_module_maps_to_the_distribution_vllm_requires_also_where_it_is_not_installed(monkeypatch):
+    """Installed: by the distribution's own file list; missing (nothing here provides the module): by PyPI's
+    naming convention, so that a server lacking the package is told which one vLLM requires."""
+    import importlib.metadata
+
+    need = compat.requirements()
+    provided = importlib.metadata.packages_distributions()
+    module, dist = min((m, d) for m, ds in provided.items() for d in ds if d in need and m.isidentifier())
+    assert compat.required_by_module(f"{module}.sub") == (dist, need[dist])
+    assert compat.required_by_module("no_such_module_anywhere") is None
+    monkeypatch.setattr(importlib.metadata, "packages_distributions", dict)  # an environment without any of them
+    for name in need:
+        stem = name.lower().replace("_", "-").removesuffix("-python")
+        assert compat.required_by_module(stem.replace("-", "_")) == (name, need[name])
 
 
 def test_classic_moe_overflow_threshold_and_why(scenario, matched):

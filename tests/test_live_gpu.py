@@ -36,3 +36,17 @@ def test_small_real_checkpoint_probes_match_the_budget(tmp_path):
     assert rows.observed_tokens["p8193"][:3] == (8192, 1, 1)
     assert rows.observed_tokens["b8x1001+184"][:2] == (8192, 9)
     assert rows.observed_tokens["w-staggered"][0] == 8000 and sum(rows.observed_tokens["w-staggered"]) == 8000 + 500 + 1 + 2
+
+
+def test_a_scenario_for_more_gpus_than_this_host_has_resolves_for_its_own():
+    """A rank stand-in's host (one GPU) resolves a TP-4 scenario as vLLM would on four: the world-size check
+    counts the scenario's GPUs while the config resolves, and torch sees the real count again after."""
+    import torch
+
+    from diaglib.scenario import load
+
+    real = torch.cuda.device_count()
+    sc = load(cmd="vllm serve data/models/Qwen3-Next-80B-A3B-Thinking -tp 4", gpu="NVIDIA H200",
+              gpu_count=max(4, real))
+    assert sc.vllm_config.parallel_config.tensor_parallel_size == 4 and not sc.simulated
+    assert torch.cuda.device_count() == real

@@ -61,7 +61,7 @@ def test_a_kept_kernel_comparison_is_the_one_computed(tmp_path, monkeypatch):
     r = next(r for r in kernels.profiled(path) if r["key"] == "profile-run")
     rows, k, _ = kernels._compare_probe(path, r, kernels._engine_of(path, r), None)
     computed = kernels.compare(path, key="profile-run")
-    assert cache.info()["by_namespace"] == {"kernels": 1}
+    assert cache.info()["by_namespace"]["kernels"] == 1  # the census on the way keeps its own (activation)
     kept = kernels.compare(path, key="profile-run")
     for a, b in zip(kept, computed):
         pd.testing.assert_frame_equal(a, b)
@@ -73,7 +73,7 @@ def test_a_kept_kernel_comparison_is_the_one_computed(tmp_path, monkeypatch):
     t = kernels.read(table)
     kernels.write(t[t.groupby("step").cumcount() < 5], table)  # five kernels a step
     assert (kernels.compare(copy / "live.jsonl", key="profile-run")[0]["kernels"] == 5).all()
-    assert cache.info()["by_namespace"] == {"kernels": 2}
+    assert cache.info()["by_namespace"]["kernels"] == 2
 
 
 def test_a_copy_of_the_records_elsewhere_finds_the_kept_comparison(tmp_path, monkeypatch):
@@ -117,6 +117,18 @@ def test_deepseek_memory_against_the_budget():
     m = compare.memory(R / "deepseek" / "live.jsonl").set_index("item")
     assert abs(m.loc["weights", "error_pct"]) < 1 and abs(m.loc["KV cache", "error_pct"]) < 10
     assert 75 < m.loc["weights", "observed_gib"] < 85  # one TP-8 rank of the 671B model in FP8
+
+
+@pytest.mark.parametrize("folder,run", [("deepseek", "i17-deepseek"), ("glm", "i17-kernels")])
+def test_kv_bytes_per_token_is_the_one_vllm_sized_the_cache_with(folder, run):
+    """vLLM's log gives the KV cache's GiB and its tokens: their ratio is the per-token page size diaglib reads off
+    vLLM's KV spec (MLA: one latent of kv_lora_rank + rope dims per layer, not K and V)."""
+    from diaglib.predict.memory import kv_bytes_per_token
+
+    eng = _engine(folder, run)
+    sc = compare._scenario(compare.local_command(eng["spec"], R / folder), "NVIDIA H200")
+    observed = eng["logged"]["kv_cache_gib"] * 2**30 / eng["logged"]["kv_cache_tokens"]
+    assert kv_bytes_per_token(sc) == pytest.approx(observed, rel=2e-3)  # the log rounds GiB to 0.01
 
 
 def _engine(folder: str, run: str) -> dict:
@@ -172,6 +184,42 @@ def test_hybrid_flashinfer_gdn_prefill_without_flashinfer_fails_every_prefill_an
     assert bad.loc["profile-run", "outcome"] == "ok" and (good["outcome"] == "ok").all()
     assert "Using FlashInfer GDN prefill kernel" in _hybrid_log("i17-hybrid")
     assert "Using Triton/FLA GDN prefill kernel" in _hybrid_log("i17-hybrid-triton-gdn")
+
+
+@pytest.mark.parametrize("run,kernel", [("i17-hybrid", "forward_cuda"), ("i17-hybrid-triton-gdn", None)])
+def test_show_predicts_the_gdn_prefill_kernel_each_engine_logged(run, kernel):
+    """`show` names the CustomOps vLLM dispatches to their custom kernel: ChunkGatedDeltaRule.forward_cuda is
+    vLLM's FlashInfer GDN prefill (its log line "Using FlashInfer GDN prefill kernel"); with the switch, none."""
+    from diaglib.predict import architecture
+
+    eng = _engine("hybrid", run)
+    sc = kernels._scenario_of(R / "hybrid", eng)
+    got = {c["class"]: c["runs"] for c in architecture.facts(sc)["custom_kernels"]}
+    assert got.get("ChunkGatedDeltaRule") == kernel
+    assert ("Using FlashInfer GDN prefill kernel" in _log(eng, "hybrid")) == (kernel is not None)
+
+
+def test_triage_of_the_gdn_prefill_log_names_the_missing_package_vllm_requires():
+    """diaglib triage on the failing hybrid run's log: the fatal traceback after the input dump is the crash
+    (not the warm-up's, which vLLM logged as a warning and survived), the step is the probe's, and the class
+    that fits is the missing package, with the pin read off the installed vLLM's own metadata."""
+    import importlib.metadata
+
+    from diaglib.triage import diagnose
+
+    eng = _engine("hybrid", "i17-hybrid")
+    t = diagnose.triage(_log(eng, "hybrid"), source="log", model_dir=str(DATA / "live" / "standins"))
+    assert t.crash.exc_type == "ModuleNotFoundError" and t.crash.during == "serving step"
+    assert t.crash.line > t.facts.dump.line and t.crash.surfaced_kind == "other"
+    assert any(tb.survived for tb in t.facts.tracebacks)  # the warm-up's, kept as such
+    assert (t.step.tokens, t.step.num_reqs) == (8191, 1)
+    best = t.suspects[0]
+    assert (best.id, best.verdict) == ("required-package-missing", "fits")
+    pin = next(r for r in importlib.metadata.requires("vllm") if r.startswith("flashinfer-python"))
+    assert best.fix == ["pip", "install", pin.replace(" ", "").split(";")[0]]
+    assert t.next[0]["command"] == "pip install " + best.fix[2]
+    others = [s for s in t.suspects[1:] if s.verdict == "fits"]
+    assert not others, [s.id for s in others]
 
 
 @pytest.mark.parametrize("run,budget", [("hunt-llama-int32", 131072), ("hunt-deepseek-moe", 65536)])
@@ -305,3 +353,27 @@ def test_sanitizer3_parser_names_the_kernel():
 
     first = sanitizer_first_error((R / "hunt" / "fault-sanitizer3.txt").read_text())
     assert "FlashAttnFwdSm90" in (first["kernel"] or "")
+
+
+def test_bisect_of_the_gdn_fault_replays_from_its_store_and_names_the_missing_package(tmp_path, capsys):
+    """`diaglib bisect` on the H200 ran one probe (8190 tokens) and took four from the hybrid stand-in's records;
+    here the same command finds every result in the store, runs nothing, and gives the same answer."""
+    import json
+
+    from diaglib.cli import main
+
+    store_path = tmp_path / "live.jsonl"
+    shutil.copy(R / "bisect" / "live.jsonl", store_path)
+    argv = ["bisect", "hybrid-gdn", "--tokens", "8191", "--switches", "gdn-prefill-triton", "--range", "8190:8193",
+            "--store", str(store_path), "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["complete"] and got["minimal"] == ["gdn-prefill-triton"] and got["runs"] == 0
+    assert (got["failing_low"], got["failing_high"]) == (8190, 8193)
+    assert got["error"] == "ModuleNotFoundError: No module named 'flashinfer'"
+    fits = [c["id"] for c in got["classes"] if c["verdict"] == "fits"]
+    assert fits == ["required-package-missing"]
+    ran = (R / "bisect" / "bisect.txt").read_text()
+    assert "runs: 1 new, 4 from the store" in ran and "(none)    8190 python_error    False    run" in ran
+    again = (R / "bisect" / "bisect-again.txt").read_text()  # on the H200 after the fixes: the store alone
+    assert "runs: 0 new, 5 from the store" in again and "known classes that fit: required-package-missing" in again

@@ -71,6 +71,21 @@ def test_kv_bytes_per_token_is_vllms_spec(scenario):
     assert memory.kv_bytes_per_token(scenario) == derived == 47_104  # vllm-facts.md
 
 
+@pytest.mark.parametrize("name", ["DeepSeek-V3", "Mixtral-8x22B-Instruct-v0.1"])
+def test_kv_bytes_per_token_are_the_meta_models_layer_specs(name):
+    """What the KV sizing counts per token equals the KV-cache specs vLLM's own attention layers give on the
+    meta model (MLA: one latent vector, no separate V; the rest: K and V)."""
+    from diaglib.predict import architecture
+
+    sc = moe_models.zoo(name, moe_models.GPUS[0])
+    try:
+        kinds = architecture.attention_kinds(sc)
+    except (ImportError, AttributeError, TypeError) as e:
+        pytest.skip(f"diaglib cannot read vLLM {compat.installed()}'s layer specs here: {e}")
+    per_token = sum(k["page_size_bytes"] // k["block_size"] * k["layers"] for k in kinds)
+    assert memory.kv_bytes_per_token(sc) == per_token
+
+
 def test_budget_adds_up_and_labels_estimates(scenario):
     b = memory.budget(scenario).set_index("item")
     usable = b.loc["usable (x gpu_memory_utilization)", "bytes"]

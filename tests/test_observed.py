@@ -45,3 +45,34 @@ def test_kernel_evidence_rules_classes_in_and_out(scenario, matches):
 def test_nothing_observed_is_no_evidence(scenario, matches):
     df = fit(scenario, {}, None, matches=matches)
     assert set(df.verdict) <= {"no evidence", "does not apply"}
+
+
+def _a_required_module():
+    """A top-level module of a distribution the installed vLLM requires (read off this environment)."""
+    import importlib.metadata as md
+
+    from diaglib import compat
+
+    need = {d.lower().replace("_", "-") for d in compat.requirements()}
+    return min(m for m, dists in md.packages_distributions().items()
+               if m.isidentifier() and any(d.lower().replace("_", "-") in need for d in dists))
+
+
+def test_a_failed_import_of_a_required_package_fits_only_the_missing_package_class(scenario, matches):
+    """The probe's own error judges the environment that ran it, whatever this one has installed."""
+    b = {"failing_low": 8191, "failing_high": 8193, "minimal": ["gdn-prefill-triton"],
+         "candidates": ["gdn-prefill-triton"], "complete": True}
+    module = _a_required_module()
+    df = fit(scenario, b, {"error": f"ModuleNotFoundError: No module named '{module}'"},
+             matches=matches).set_index("id")
+    assert df.loc["required-package-missing", "verdict"] == "fits" and module in df.loc["required-package-missing",
+                                                                                           "why"]
+    assert (df.loc[df.index != "required-package-missing", "verdict"] != "fits").all()
+    assert df.loc["exactly-at-budget", "error"] == "contradicts"
+    df = fit(scenario, b, {"error": "ModuleNotFoundError: No module named 'no_such_module_anywhere'"},
+             matches=matches).set_index("id")
+    assert df.loc["required-package-missing", "error"] == "contradicts"
+    assert df.loc["required-package-missing", "verdict"] in ("does not fit", "does not apply")
+    df = fit(scenario, b, {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"},
+             matches=matches).set_index("id")
+    assert df.loc["required-package-missing", "error"] == "contradicts"

@@ -99,6 +99,19 @@ def test_bad_input_is_one_clear_message(scenario, cmd, gpu, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_missing_model_folder_is_said_before_vllm_is_imported(tmp_path):
+    """The folder check needs no vLLM: a mistyped path answers in a blink, not after vLLM's import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom diaglib import scenario\nfrom diaglib.errors import DiagError\n"
+            f"try:\n    scenario.load(cmd='vllm serve {tmp_path / 'nothing-here'} -tp 8')\n"
+            "except DiagError as e:\n    print(e)\nprint('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120).stdout
+    assert "no local folder found" in out
+    assert out.split()[-1] == "False"
+
+
 def test_model_folder_problems(scenario, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -108,6 +121,12 @@ def test_model_folder_problems(scenario, tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text('{"architectures": [')
     with pytest.raises(DiagError, match="config.json: malformed JSON"):
+        scn.load(cmd=f"vllm serve {bad}")
+    (bad / "config.json").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(DiagError, match="config.json: not UTF-8 text"):
+        scn.load(cmd=f"vllm serve {bad}")
+    (bad / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(DiagError, match="config.json: the top level is a JSON list"):
         scn.load(cmd=f"vllm serve {bad}")
 
 

@@ -281,3 +281,14 @@ def test_a_multimodal_folder_without_its_processor_files_is_scheduled_text_only(
     assert mine.get_limit_per_prompt("image") == 0 < theirs.get_limit_per_prompt("image")
     tr = trace(sc, Workload((Req("a", 9000, 2, 0),)))
     assert list(tr.per_step["total_tokens"][:3]) == [8192, 808, 1]
+
+
+def test_the_default_kv_memory_is_the_memory_budgets(scenario):
+    """trace and sweep size the KV cache from the same estimate `diaglib memory` shows, through the same vLLM
+    sizing: one capacity per scenario."""
+    from diaglib.predict import memory
+
+    b = memory.budget(scenario).set_index("item")
+    eng = Engine(scenario)
+    assert eng.kv_info["kv_memory_bytes"] == b.loc["KV cache", "bytes"]
+    assert f"{eng.kv_info['num_blocks']} blocks of {eng.kv_info['block_size']} tokens" in b.loc["KV cache", "how"]

@@ -92,3 +92,19 @@ def test_architecture_section_reads_the_built_layers(scenario):
     assert s["attention_backend"].startswith(compat.attention_backend_class(scenario.vllm_config).get_name())
     text = format_text(s)
     assert "attention layers" in text and "KV block size" in text
+
+
+def test_weights_per_gpu_are_the_meta_models_and_a_model_too_large_is_said(scenario):
+    """The weights line is diaglib.predict.memory's exact per-rank bytes against vLLM's usable memory; a model
+    whose one rank outgrows the GPU is flagged as vLLM's start-up failure, not left to the KV-cache line."""
+    from diaglib.predict.memory import weights_total_bytes
+    from diaglib.scenario import load
+
+    s = summarize(scenario)
+    assert s["weights"]["bytes_per_gpu"] == weights_total_bytes(scenario) and s["weights"]["fit"]
+    assert "DOES NOT FIT" not in format_text(s)
+    big = load(cmd="vllm serve data/models/Llama-3.1-70B-Instruct", gpu="NVIDIA L40S", gpu_count=1)
+    s = summarize(big)
+    usable = big.gpu.memory_bytes * big.vllm_config.cache_config.gpu_memory_utilization
+    assert not s["weights"]["fit"] and s["weights"]["bytes_per_gpu"] > usable
+    assert "DOES NOT FIT" in next(ln for ln in format_text(s).splitlines() if ln.startswith("weights"))

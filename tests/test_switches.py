@@ -14,13 +14,13 @@ pytestmark = pytest.mark.contract
 EXPECTED = {
     "0.33.0": {"ok": ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "chunked-prefill-off",
                       "async-off", "budget+1", "attention-backend", "budget-1"],
-               "unavailable": ["moe-chunk-off", "moe-chunk-half", "pad-off"], "no effect": []},
+               "unavailable": ["moe-chunk-off", "moe-chunk-half", "pad-off"], "no effect": ["gdn-prefill-triton"]},
     "0.20.2": {"ok": ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "chunked-prefill-off",
                       "async-off", "budget+1", "attention-backend", "budget-1"],
-               "unavailable": ["moe-chunk-off", "moe-chunk-half", "pad-off"], "no effect": []},
+               "unavailable": ["moe-chunk-off", "moe-chunk-half", "pad-off"], "no effect": ["gdn-prefill-triton"]},
     "0.10.1.1": {"ok": ["enforce-eager", "compile-off", "cudagraph-off", "inductor-off", "budget+1",
                         "moe-chunk-half", "attention-backend", "budget-1"],
-                 "unavailable": ["pad-off"],
+                 "unavailable": ["gdn-prefill-triton", "pad-off"],
                  # the V1 engine of 0.10 forces chunked prefill on; async scheduling is off by default;
                  # MoE chunking starts at 32768 tokens: turning it off changes nothing at an 8192 budget
                  "no effect": ["chunked-prefill-off", "async-off", "moe-chunk-off"]},
@@ -45,11 +45,39 @@ def test_every_switch_is_verified_by_vllm(table):
     assert got == expected
 
 
+@pytest.mark.parametrize("gpu,effect", [("NVIDIA H200", "ok"), ("NVIDIA A100-SXM4-80GB", "no effect")])
+def test_gdn_prefill_switch_replaces_the_flashinfer_kernel_vllm_picks_on_sm90(gpu, effect):
+    """On a hybrid model vLLM dispatches its GDN prefill CustomOp to FlashInfer's kernel on sm90 only; the switch
+    takes it off there (the custom kernel is gone from vLLM's meta model) and has nothing to replace on sm80."""
+    from diaglib.scenario import load
+
+    if "--gdn-prefill-backend" not in compat.serve_options():
+        pytest.skip(f"vLLM {compat.installed()} has no --gdn-prefill-backend")
+    sc = load(cmd="vllm serve data/models/Qwen3-Next-80B-A3B-Thinking -tp 4", gpu=gpu, gpu_count=8)
+    row = switches.verify(sc, ["gdn-prefill-triton"]).iloc[0]
+    assert row["status"] == effect, row["note"]
+    if effect == "ok":
+        assert "ChunkGatedDeltaRule.forward_cuda" in row["before"] and row["after"] == ()
+        assert row["flags"] == ["--gdn-prefill-backend", "triton"]
+
+
 def test_moe_backend_switch(table):
     row = table.set_index("switch").loc["moe-backend"]
     if row.status == "unverified":  # pending: the MoE layers of this release (predict.layers)
         pytest.xfail(f"MoE backend not readable on this vLLM yet: {row.note}")
     assert row.status in ("ok", "unavailable")
+
+
+def test_moe_backend_switch_has_nothing_to_replace_on_a_dense_model():
+    """A dense model builds no fused-MoE layer on vLLM's meta model: the MoE-backend switch cannot act there."""
+    from diaglib.scenario import load
+
+    sc = load(cmd="vllm serve data/models/Llama-3.1-8B-Instruct", gpu="NVIDIA H200", gpu_count=1)
+    row = switches.verify(sc, ["moe-backend"]).iloc[0]
+    if row["status"] == "unavailable":
+        pytest.skip(f"vLLM {compat.installed()} has no MoE-backend switch: {row['note']}")
+    assert row["status"] == "no effect" and "no fused-MoE layer" in row["note"], row["note"]
+    assert switches.format_text(switches.verify(sc, ["moe-backend"])).splitlines()[0].startswith("switch ")
 
 
 def test_spellings_are_this_parsers(scenario, table):

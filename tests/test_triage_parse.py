@@ -128,6 +128,46 @@ def test_only_a_traceback_at_a_sync_point():
     assert c.kernel is None
 
 
+WARMED_UP_THEN_FATAL = """\
+WARNING 12-03 12:24:07 [gdn_linear_attn.py:733] GDN prefill kernel warmup (T=64) failed for layer model.layers.0.linear_attn.
+WARNING 12-03 12:24:07 [gdn_linear_attn.py:733] Traceback (most recent call last):
+WARNING 12-03 12:24:07 [gdn_linear_attn.py:733]   File "/site/vllm/model_executor/layers/mamba/gdn_linear_attn.py", line 726, in _warmup_prefill_kernels
+WARNING 12-03 12:24:07 [gdn_linear_attn.py:733]     self.chunk_gated_delta_rule(
+WARNING 12-03 12:24:07 [gdn_linear_attn.py:733] RuntimeError: CUDA error: an illegal memory access was encountered
+INFO 12-03 12:24:49 [core.py:299] init engine (profile, create kv cache, warmup model) took 109.08 s
+Traceback (most recent call last):
+  File "/site/vllm/v1/worker/gpu_worker.py", line 813, in execute_model
+    output = self.model_runner.execute_model(
+  File "/site/vllm/model_executor/layers/mamba/gdn_linear_attn.py", line 81, in fi_chunk_gated_delta_rule
+    from flashinfer.gdn_prefill import (
+ModuleNotFoundError: No module named 'flashinfer'
+"""
+
+
+def test_a_traceback_vllm_logged_as_a_warning_and_survived_is_not_the_crash():
+    """A warm-up failure vLLM caught and logged (even a CUDA one, the most specific outcome) ranks below the
+    traceback that ended the process; a host-side error surfaces where it is raised."""
+    f = facts(WARMED_UP_THEN_FATAL.encode())
+    assert [t.survived for t in f.tracebacks] == [True, False]
+    c = crash.crash(f)
+    assert (c.exc_type, c.line, c.during) == ("ModuleNotFoundError", 7, "serving step")
+    assert c.surfaced_kind == "other" and "raised it" in c.surfaced_why
+    assert f.crash_line == 7
+
+
+def test_a_dump_that_schedules_no_tokens_is_no_step():
+    """An input dump cut before num_scheduled_tokens says which requests were new, not how many tokens ran: the
+    step is unknown (not a 0-token step the thresholds would rule classes out on)."""
+    from diaglib.triage import diagnose
+
+    text = SEED.read_text()
+    line = next(ln for ln in text.splitlines() if "Dumping scheduler output" in ln)
+    cut = line[: line.index("num_scheduled_tokens")] if "num_scheduled_tokens" in line else line
+    t = diagnose.triage(text.replace(line, cut), resolve=False)
+    assert t.facts.dump is not None and t.facts.dump.total_tokens == 0
+    assert t.step is None and any("schedules no tokens" in n for n in t.notes)
+
+
 def test_only_the_engine_config_line():
     f = facts("only-config-0.20.2.log")
     assert f.version == "0.20.2" and f.tracebacks == [] and crash.crash(f) is None

@@ -113,7 +113,17 @@ from .moe import (
 )
 from .parsing import check_prompt_len, flexible_argument_parser, serve_options, serve_parser
 from .prefix_cache import can_evict_cached_blocks, evict_cached_blocks, scheduled_block_ids
-from .releases import CI, REFERENCE, installed, is_verified, supported, venv_python
+from .releases import (
+    CI,
+    REFERENCE,
+    failed_import,
+    installed,
+    is_verified,
+    required_by_module,
+    requirements,
+    supported,
+    venv_python,
+)
 from .scheduling import (
     batch_queue_size,
     cache_summary,

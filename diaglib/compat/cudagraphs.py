@@ -96,15 +96,16 @@ def _private_compilation(vllm_config):
 def cudagraph_dispatcher(vllm_config) -> GraphDispatch:
     """vLLM's CUDA-graph dispatch for ``vllm_config``, with the graph mode resolved as the model runner
     resolves it at start-up (a mode vLLM refuses -> DiagError with vLLM's reason)."""
+    from vllm.config import set_current_vllm_config
+
     cfg = _private_compilation(vllm_config)
     uq = uniform_decode_query_len(cfg)
     kind = runner_kind(cfg)
     try:
         if not has_cudagraph_mode():
             return GraphDispatch(cfg, cudagraph_mode_name(cfg), kind, None, uq)
-        if kind == "V2":
-            return _v2_dispatch(cfg, uq)
-        return _v1_dispatch(cfg, uq)
+        with set_current_vllm_config(cfg):  # as the runner's start-up: backends read it (FlashInfer's builder)
+            return _v2_dispatch(cfg, uq) if kind == "V2" else _v1_dispatch(cfg, uq)
     except ValueError as e:
         raise DiagError(f"vLLM rejects the CUDA-graph mode: {str(e).splitlines()[0]}") from None
 

@@ -63,15 +63,21 @@ def cache_summary(vllm_config) -> dict:
 
 
 def kv_cache_spec(vllm_config):
-    """One decoder layer's KV-cache spec on one rank, as vLLM's Attention layer builds it (full attention)."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    """One decoder layer's KV-cache spec on one rank, as vLLM's attention layer builds it (full attention):
+    for MLA, ``MLAAttentionSpec`` with one latent head as MLAAttention.get_kv_cache_spec makes it where vLLM has
+    that class (0.11 on), ``FullAttentionSpec(use_mla=True)`` before; either holds no separate V."""
+    from vllm.v1 import kv_cache_interface as ki
 
-    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    mc, pc, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
     kv_dtype = first("get_kv_cache_torch_dtype", "vllm.utils.torch_utils:get_kv_cache_torch_dtype",
                      "vllm.utils:get_kv_cache_torch_dtype")
-    return call("FullAttentionSpec", FullAttentionSpec, block_size=vllm_config.cache_config.block_size,
-                num_kv_heads=mc.get_num_kv_heads(pc), head_size=mc.get_head_size(),
-                dtype=kv_dtype(vllm_config.cache_config.cache_dtype, mc.dtype), use_mla=mc.use_mla)
+    common = dict(block_size=cache.block_size, head_size=mc.get_head_size(),
+                  dtype=kv_dtype(cache.cache_dtype, mc.dtype))
+    if mc.use_mla and hasattr(ki, "MLAAttentionSpec"):
+        return call("MLAAttentionSpec", ki.MLAAttentionSpec, num_kv_heads=1, cache_dtype_str=cache.cache_dtype,
+                    **common)
+    return call("FullAttentionSpec", ki.FullAttentionSpec, num_kv_heads=mc.get_num_kv_heads(pc),
+                use_mla=mc.use_mla, **common)
 
 
 def private_config(vllm_config):

@@ -8,7 +8,8 @@ Spellings come from what this vLLM's serve parser, CompilationConfig and vllm.en
   there but ignored at level 3), ``backend=eager`` from 0.11.2.
 - ``--no-async-scheduling`` where the flag is a boolean pair; ``--moe-backend`` from 0.17.1;
   ``--attention-backend`` from 0.13.0 (the VLLM_ATTENTION_BACKEND variable before);
-  the MoE chunking variables while vllm.envs has them; VLLM_DISABLE_PAD_FOR_CUDAGRAPH in 0.10.2 only.
+  the MoE chunking variables while vllm.envs has them; VLLM_DISABLE_PAD_FOR_CUDAGRAPH in 0.10.2 only;
+  ``--gdn-prefill-backend triton`` where the parser has it (0.20 on).
 Whether a spelling does what it claims is checked on vLLM's resolved config by diaglib.predict.switches.verify.
 """
 from __future__ import annotations
@@ -68,4 +69,6 @@ def kill_switches(vllm_config, attention: str) -> dict[str, tuple[list[str], dic
         "attention-backend": (["--attention-backend", other], {}) if "--attention-backend" in opts
         else env_switch("VLLM_ATTENTION_BACKEND", other),
         "pad-off": env_switch("VLLM_DISABLE_PAD_FOR_CUDAGRAPH", "1"),
+        "gdn-prefill-triton": (["--gdn-prefill-backend", "triton"], {}) if "--gdn-prefill-backend" in opts
+        else "this vLLM has no --gdn-prefill-backend flag",
     }

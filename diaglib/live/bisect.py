@@ -18,6 +18,7 @@ each single switch is left out in turn until a set passes: up to k more runs.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -248,14 +249,47 @@ def store_prefix(sc) -> str:
     return f"bisect-{digest[:10]}"
 
 
-def known_from_store(path, prefix: str, base_spec: dict | None = None) -> list[tuple[frozenset, int, str]]:
-    """Single-prompt probe results already in the store: this prefix's runs, and (if ``base_spec``, an
-    EngineSpec.as_dict()) other runs' plain probes on an engine built exactly like the switch-free one."""
+def known_from_store(path, prefix: str, engines: dict[frozenset, dict] | None = None
+                     ) -> list[tuple[frozenset, int, str]]:
+    """Single-prompt probe results already in the store: this prefix's runs, and other runs' plain probes on an
+    engine built exactly like one of ``engines`` ({switch set: EngineSpec.as_dict()}, e.g. from
+    :func:`planned_engines`), credited to that switch set."""
+    return [(switches, tokens, r["outcome"]) for switches, tokens, r in _stored(path, prefix, engines)]
+
+
+def fault_detail(path, prefix: str, engines: dict[frozenset, dict] | None, tokens: int) -> str | None:
+    """What the last failing switch-free probe of ``tokens`` in the store said (its exception line), or None."""
+    failed = [r for s, t, r in _stored(path, prefix, engines) if not s and t == tokens and r["outcome"] != "ok"]
+    return failed[-1].get("detail") if failed else None
+
+
+def engine_key(spec: dict | None, store_dir) -> str:
+    """An engine spec as a key that does not depend on where its model folder lies, so that records made on
+    another machine or in another checkout match: the folder (found here as the records' comparison finds it)
+    by the content of its files, else by its name."""
+    from pathlib import Path
+
+    from .. import cache
+    from .compare import model_folder
+
+    if not spec or not spec.get("model_dir"):
+        return json.dumps(spec, sort_keys=True)
+    found = model_folder(spec, store_dir)
+    ident = cache.model_id(found) if found is not None else "model:" + Path(spec["model_dir"]).name
+    return json.dumps(spec, sort_keys=True).replace(json.dumps(spec["model_dir"])[1:-1], ident)
+
+
+def _stored(path, prefix: str, engines: dict[frozenset, dict] | None):
+    from pathlib import Path
+
     from . import store
 
+    here = Path(path).parent
+    by_spec = {engine_key(spec, here): switches for switches, spec in (engines or {}).items()}
     records = store.read(path)
-    engines = {(r.get("run"), r.get("engine_id")): r.get("spec") for r in records if r.get("type") == "engine"}
-    out = []
+    # each recorded engine as the switch set it was built for (None: built otherwise), keyed once per engine
+    built = {(r.get("run"), r.get("engine_id")): by_spec.get(engine_key(r.get("spec"), here)) for r in records
+             if r.get("type") == "engine"} if by_spec else {}
     for r in records:
         prompts = (r.get("probe") or {}).get("prompts") or []
         if r.get("type") != "probe" or len(prompts) != 1:
@@ -263,11 +297,40 @@ def known_from_store(path, prefix: str, base_spec: dict | None = None) -> list[t
         run = r.get("run", "")
         if run.startswith(prefix + "/"):
             tail = run[len(prefix) + 1:]
-            out.append((frozenset() if tail == "base" else frozenset(tail.split(",")), prompts[0], r["outcome"]))
-        elif (base_spec is not None and not r["probe"].get("planted")
-              and engines.get((run, r.get("engine_id"))) == base_spec):
-            out.append((frozenset(), prompts[0], r["outcome"]))
-    return out
+            yield frozenset() if tail == "base" else frozenset(tail.split(",")), prompts[0], r
+        elif not r["probe"].get("planted") and built.get((run, r.get("engine_id"))) is not None:
+            yield built[(run, r.get("engine_id"))], prompts[0], r
+
+
+def engine_for(sc, switches: Iterable[str], *, gpus: list[int] | None = None, weights: str = "auto", engine=None):
+    """The EngineSpec a live run of ``sc`` with ``switches`` on starts: planned from the scenario (``gpus``: the
+    indices it runs on; None: every GPU of this host), or ``engine`` with the switches' flags appended."""
+    import dataclasses
+
+    from ..predict import switches as sw
+    from .engine import plan
+    from .observe import gpu_count
+
+    flags, env = sw.apply(sc, switches)
+    if engine is None:
+        spec = plan(sc.command, models=sc.models, gpus=len(gpus) if gpus else max(gpu_count(), 1), flags=flags,
+                    weights=weights)
+    else:
+        spec = dataclasses.replace(engine, argv=list(engine.argv) + flags, env=dict(engine.env))
+    spec.env.update(env)
+    return spec
+
+
+def planned_engines(sc, candidates: Sequence[str], *, gpus: list[int] | None = None,
+                    weights: str = "auto") -> dict[frozenset, dict]:
+    """{switch set: EngineSpec.as_dict()} for the sets a bisection tries first (none, all, each alone), so that
+    other runs on exactly such an engine count as known (:func:`known_from_store`). Empty where no engine can
+    be planned here (no weights, no stand-in)."""
+    sets = {frozenset(), frozenset(candidates), *(frozenset([c]) for c in candidates)}
+    try:
+        return {s: engine_for(sc, s, gpus=gpus, weights=weights).as_dict() for s in sets}
+    except DiagError:
+        return {}
 
 
 def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: list[int] | None = None,
@@ -278,21 +341,10 @@ def live_oracle(sc, *, store_path, prefix: str, weights: str = "auto", gpus: lis
     planted fault;
     ``engine``: an EngineSpec to append the switches' flags to, instead of one planned from the scenario.
     """
-    import dataclasses
-
-    from ..predict import switches as sw
     from . import probe, store
-    from .engine import plan
-    from .observe import gpu_count
 
     def run(switches: frozenset, tokens: int) -> str:
-        flags, env = sw.apply(sc, switches)
-        if engine is None:
-            spec = plan(sc.command, models=sc.models, gpus=len(gpus) if gpus else max(gpu_count(), 1),
-                        flags=flags, weights=weights)
-        else:
-            spec = dataclasses.replace(engine, argv=list(engine.argv) + flags, env=dict(engine.env))
-        spec.env.update(env)
+        spec = engine_for(sc, switches, gpus=gpus, weights=weights, engine=engine)
         name = run_name(prefix, switches)
         probes = [make_probe(tokens, switches)] if make_probe else probe.exact([tokens])
         probe.run(probes, spec, store_path=store_path, run_name=name, gpus=gpus,
@@ -326,14 +378,17 @@ def vllm_precheck(sc) -> Callable[[frozenset, int], str | None]:
     return check
 
 
-def describe(result: BisectResult, sc) -> tuple[dict, str]:
-    """JSON-ready data and text for a bisection of scenario ``sc``: minimal set, its flags, layer, pair."""
+def describe(result: BisectResult, sc, error: str | None = None) -> tuple[dict, str]:
+    """JSON-ready data and text for a bisection of scenario ``sc``: minimal set, its flags, layer, pair, and the
+    failing probe's ``error`` (its exception line, :func:`fault_detail`)."""
     from ..predict import switches as sw
 
     data = result.as_dict()
     data["implicated"] = sw.implicated(result.minimal) if result.complete else None
     data["minimal_flags"] = sw.apply(sc, result.minimal) if result.minimal else None
-    lines = [f"fault at {result.tokens} tokens: {result.fault}   (vLLM {sc.vllm_version}, {sc.command})"]
+    data["error"] = error
+    lines = [f"fault at {result.tokens} tokens: {result.fault}" + (f" ({error})" if error else "")
+             + f"   (vLLM {sc.vllm_version}, {sc.command})"]
     if not result.complete:
         lines.append("INCOMPLETE: the run budget ran out or no GPU is here; what is known so far:")
     if result.minimal is not None:

@@ -31,17 +31,22 @@ def _engines(records: list[dict]) -> dict[tuple[str, str], dict]:
     return {(r["run"], r["engine_id"]): r for r in records if r.get("type") == "engine" and r.get("outcome") == "ok"}
 
 
-def local_command(spec: dict, store_dir: Path) -> str:
-    """The run's serve command with its model folder found here (as recorded, a stand-in by name, or
-    a models/ folder beside the store)."""
-    argv = list(spec["argv"])
+def model_folder(spec: dict, store_dir: Path) -> Path | None:
+    """The run's model folder found here (as recorded, a stand-in by name, or a models/ folder beside the
+    store), or None."""
     model = Path(spec["model_dir"])
-    for cand in (model, STANDINS / model.name, store_dir / "models" / model.name):
-        if (cand / "config.json").is_file():
-            argv = [str(cand) if a == spec["model_dir"] else a for a in argv]
-            return shlex.join(["vllm", *argv])
-    raise DiagError(f"the model folder of this run ({model.name}) is not here: put its config.json in "
-                    f"{STANDINS / model.name} or {store_dir / 'models' / model.name}")
+    return next((c for c in (model, STANDINS / model.name, Path(store_dir) / "models" / model.name)
+                 if (c / "config.json").is_file()), None)
+
+
+def local_command(spec: dict, store_dir: Path) -> str:
+    """The run's serve command with its model folder found here (:func:`model_folder`)."""
+    found = model_folder(spec, store_dir)
+    if found is None:
+        name = Path(spec["model_dir"]).name
+        raise DiagError(f"the model folder of this run ({name}) is not here: put its config.json in "
+                        f"{STANDINS / name} or {Path(store_dir) / 'models' / name}")
+    return shlex.join(["vllm", *[str(found) if a == spec["model_dir"] else a for a in spec["argv"]]])
 
 
 @lru_cache(maxsize=8)

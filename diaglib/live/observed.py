@@ -1,15 +1,19 @@
 """Observed faults against the known bug classes (diaglib.predict.known_issues): which classes fit what was seen.
 
-Three observations are compared with what each class predicts: the first failing token count (against
+Four observations are compared with what each class predicts: the first failing token count (against
 the class's threshold for this scenario), the faulting kernel (against the kernels the class shows up
-in) and the minimal kill-switch set (against the switches that avoid the class). Any contradiction
-rules a class out; a class that does not apply to this vLLM version or configuration is out as well.
+in), the minimal kill-switch set (against the switches that avoid the class) and the probe's own error (a
+failed import against a fault on the device). Any contradiction rules a class out; a class that does not
+apply to this vLLM version or configuration is out as well, unless the error itself shows it (a class judged
+on the environment that ran the probe, not on this one).
 """
 from __future__ import annotations
 
 import re
 
 import pandas as pd
+
+from .. import compat
 
 INDUCTOR = r"^triton_(?:poi|red|per|tem|for)_"
 # class id -> (kernels it shows up in, kill switches that avoid it, "from" (fails from the threshold on),
@@ -30,8 +34,12 @@ EXPECT = {
     "profile-run-at-budget": (None, {"budget+1", "budget-1"}, "start"),
     "moe-grid-limit": (r"fused_moe_kernel|moe", {"moe-chunk-half", "moe-backend"}, "from"),
     "unvalidated-token-ids": (r"flash_fwd|embedding|index", set(), None),
+    "required-package-missing": (None, set(), None),
 }
-COLUMNS = ["id", "title", "verdict", "applies", "threshold_tokens", "threshold", "kernel", "switches", "why"]
+# classes whose fault is a failed import of a package vLLM requires; every other class is a fault on the device
+IMPORT_FAULTS = {"required-package-missing"}
+COLUMNS = ["id", "title", "verdict", "applies", "threshold_tokens", "threshold", "kernel", "switches", "error",
+           "why"]
 
 
 def fit(sc, bisection: dict | None = None, evidence: dict | None = None, matches: pd.DataFrame | None = None
@@ -39,15 +47,16 @@ def fit(sc, bisection: dict | None = None, evidence: dict | None = None, matches
     """One row per fault class: verdict "fits", "does not fit", "does not apply" or "no evidence".
 
     ``bisection``: BisectResult.as_dict() (failing_low, failing_high, minimal, candidates, complete);
-    ``evidence``: an evidence bundle's summary.json (its ``kernel``); ``matches``: known_issues.match(sc).
-    The threshold, kernel and switches columns say "agrees", "contradicts" or "" (nothing to compare).
+    ``evidence``: an evidence bundle's summary.json (its ``kernel``) and/or the failing probe's ``error`` (its
+    exception line); ``matches``: known_issues.match(sc).
+    The threshold, kernel, switches and error columns say "agrees", "contradicts" or "" (nothing to compare).
     """
     if matches is None:
         from ..predict.known_issues import match
 
         matches = match(sc)
     b = bisection or {}
-    kernel = (evidence or {}).get("kernel")
+    kernel, error = (evidence or {}).get("kernel"), (evidence or {}).get("error")
     rows = []
     for m in matches.itertuples():
         if m.id not in EXPECT:
@@ -55,10 +64,10 @@ def fit(sc, bisection: dict | None = None, evidence: dict | None = None, matches
         kernels, avoid, mode = EXPECT[m.id]
         t = None if pd.isna(m.threshold_tokens) else int(m.threshold_tokens)
         checks = {"threshold": _threshold(t, mode, b), "kernel": _kernel(kernels, kernel),
-                  "switches": _switches(avoid, b)}
+                  "switches": _switches(avoid, b), "error": _error(m.id in IMPORT_FAULTS, error, sc.vllm_version)}
         reasons = [text for _, text in checks.values() if text]
         verdicts = [v for v, _ in checks.values()]
-        if not m.applies:
+        if not m.applies and checks["error"][0] != "agrees":
             verdict = "does not apply"
             reasons = [m.why]
         elif "contradicts" in verdicts:
@@ -93,6 +102,22 @@ def _kernel(pattern: str | None, kernel: str | None) -> tuple[str, str]:
     if re.search(pattern, kernel):
         return "agrees", f"faulting kernel {kernel} is one this class shows up in"
     return "contradicts", f"faulting kernel {kernel} is not one this class shows up in"
+
+
+def _error(import_fault: bool, error: str | None, version: str) -> tuple[str, str]:
+    if not error:
+        return "", ""
+    failed = compat.failed_import(error)
+    if not import_fault:
+        return ("contradicts", f"the probe died on a failed import ({error}), not on a fault in a kernel") if failed \
+            else ("", "")
+    if failed is None:
+        return "contradicts", f"the probe died on {error}, not on a failed import"
+    req = compat.required_by_module(failed[0])
+    if req is None:
+        return "contradicts", f"the probe died on {error}; no distribution vLLM {version} requires provides {failed[0]}"
+    return "agrees", (f"the probe died on {error}: {failed[0]} comes from {req[0]}, which vLLM {version} requires"
+                      + (f" ({req[1]})" if req[1] else "") + ", missing where the probe ran")
 
 
 def _switches(avoid: set[str], b: dict) -> tuple[str, str]:

@@ -241,6 +241,8 @@ def facts(sc: Scenario) -> dict:
         "speculative": speculative(sc),
         "quantization": sc.vllm_config.model_config.quantization,
         "linear_methods": linear_methods(sc),
+        "custom_kernels": [c for c in compat.custom_ops(layers.build_model(sc)) if c["enabled"]],
+        "other_quant_methods": other_quant_methods(layers.build_model(sc)),
         "quant_alignment": {"layers": len(align), "blocks": sorted({a["block"] for a in align}),
                             "tp": sc.vllm_config.parallel_config.tensor_parallel_size,
                             "misaligned": [a["layer"] for a in align if not a["aligned"]],
@@ -249,10 +251,20 @@ def facts(sc: Scenario) -> dict:
     }
 
 
+def other_quant_methods(model) -> list[str]:
+    """The quantization methods vLLM attached to layers other than linear ones (fused MoE experts, ...)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    return sorted({type(m.quant_method).__name__ for m in model.modules()
+                   if not isinstance(m, LinearBase) and getattr(m, "quant_method", None) is not None})
+
+
 def unquantized_despite_config(f: dict) -> bool:
-    """Whether the config names a quantization but vLLM built every linear layer unquantized."""
+    """Whether the config names a quantization but vLLM built every layer unquantized (linear layers and the
+    rest: gpt-oss quantizes only its experts, by design)."""
     methods = f["linear_methods"]
-    return bool(f.get("quantization") and methods
+    quantized_elsewhere = [m for m in f.get("other_quant_methods", []) if not m.startswith("Unquantized")]
+    return bool(f.get("quantization") and methods and not quantized_elsewhere
                 and all(m["method"].startswith("UnquantizedLinearMethod") for m in methods))
 
 
@@ -315,6 +327,10 @@ def format_lines(f: dict) -> list[tuple[str, str]]:
         rows.append(("linear layers", f"all {sum(m['layers'] for m in f['linear_methods'])} unquantized although "
                      f"the config names {f['quantization']}: vLLM may take the quantized layers from the "
                      "checkpoint's *.safetensors headers, which this folder lacks (GPTQ does)"))
+    if f.get("custom_kernels"):
+        rows.append(("custom ops", "custom kernels for " + ", ".join(f"{c['custom_op']} ({c['class']}.{c['runs']})"
+                                                                     for c in f["custom_kernels"])
+                     + "; every other CustomOp runs its forward_native"))
     q = f["quant_alignment"]
     if q["layers"]:
         rows.append(("quant blocks", f"{q['layers']} layer kinds with blocks {'/'.join(map(str, q['blocks']))}, "

@@ -72,10 +72,16 @@ def feature_value(sc: Scenario, feature: str, n: int):
     raise DiagError(f"unknown boundary feature {feature!r}")
 
 
+_SHORT = {"BLOCK_SIZE_M": "BM", "BLOCK_SIZE_N": "BN", "BLOCK_SIZE_K": "BK", "GROUP_SIZE_M": "GM",
+          "num_warps": "warps", "num_stages": "stages"}
+
+
 def _config_id(tc: dict) -> str:
+    """The Triton config vLLM picked, every key of it (a change of warps or stages alone is a change too; another
+    key of the tuned file holding the same config is none)."""
     c = tc["config"]
-    blocks = "/".join(str(c.get(k, "-")) for k in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M"))
-    return f"{tc['source']}: BM/BN/BK/GM {blocks}"
+    keys = [k for k in _SHORT if k in c] + sorted(k for k in c if k not in _SHORT)
+    return " ".join(f"{_SHORT.get(k, k)}={c[k]}" for k in keys)
 
 
 def _changes(values: list, start: int = 1):
@@ -119,8 +125,8 @@ def _step_rows(sc: Scenario, op: int) -> list[dict]:
     what_if = "" if path == "triton" else f" (only if the Triton path is forced; selected: {path})"
     configs = [_config_id(tc) for tc in moe.triton_configs(sc, range(1, mnbt + 1))] if moe.triton_applies(sc) else []
     for n, a, b in _changes(configs):
-        rows.append(_row("step", n, a, b, "MoE config", f"Triton MoE config {a.split(': ')[-1]} -> "
-                         f"{b.split(': ')[-1]}" + what_if, "triton_config", "vLLM try_get_optimal_moe_config", op))
+        rows.append(_row("step", n, a, b, "MoE config", f"Triton MoE config {a} -> {b}" + what_if, "triton_config",
+                         "vLLM try_get_optimal_moe_config", op))
     lo, hi = feature_value(sc, "moe_experts", 1), feature_value(sc, "moe_experts", mnbt)
     if lo != hi:  # one switch (e.g. the small-batch Triton fallback on sm100): find it by bisection
         a, b = 1, mnbt

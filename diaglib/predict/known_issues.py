@@ -6,6 +6,7 @@ class applies, why, and at which token count.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from functools import cached_property
 
@@ -285,6 +286,24 @@ def perf_cliff(f: _Facts):
     return hit, "; ".join(why) or "no cliff found", None
 
 
+def required_package_missing(f: _Facts):
+    """Judged on this environment (a crash log's import error judges the server's: diaglib.triage.suspects)."""
+    need = compat.requirements()
+    missing = [f"{d}{spec}" for d, spec in need.items() if not _installed(d)]
+    if missing:
+        return True, (f"vLLM {f.sc.vllm_version} requires {', '.join(missing)}, not installed here: a kernel vLLM "
+                      "picks from it fails the first time it runs"), None
+    return False, f"every distribution vLLM {f.sc.vllm_version} requires ({len(need)}) is installed here", None
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def version_listed(f: _Facts, cls: dict):
     v = f.sc.vllm_version
     hit = v in cls.get("versions", [])
@@ -294,7 +313,7 @@ def version_listed(f: _Facts, cls: dict):
 PREDICATES = {fn.__name__: fn for fn in (
     moe_triton_int32, any_buffer_int32, census_int32, inductor_32bit, census_inductor_int32, compile_range_edge,
     moe_chunking, at_budget, cudagraph_edge, full_capture_over_mml, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always,
-    perf_cliff, version_listed)}
+    perf_cliff, required_package_missing, version_listed)}
 
 
 def match(sc: Scenario) -> pd.DataFrame:

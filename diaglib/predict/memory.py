@@ -145,6 +145,25 @@ def activation_peak_estimate(sc: Scenario) -> tuple[int, str]:
     return total, "estimate: " + " + ".join(parts)
 
 
+_ACTIVATION: dict[str, tuple[int, str]] = {}  # per scenario (its command, model files and GPU), for the process
+
+
+def kv_memory_estimate(sc: Scenario, weights: int) -> tuple[int, int, str]:
+    """(KV-cache bytes per GPU, activation peak, how) by this budget: GPU memory x gpu_memory_utilization -
+    ``weights`` - the profile run's activation peak (estimate) - the non-torch allowance (guess). The
+    activation estimate is kept per scenario, in this process and in diaglib's cache, so a sweep resolving the
+    same settings again (here, in its workers, or next time) reuses it."""
+    from .. import cache
+
+    k = cache.key("activation", sc.key_parts())
+    if k not in _ACTIVATION:
+        act, how = cache.memo("activation", sc.key_parts(), lambda: list(activation_peak_estimate(sc)))
+        _ACTIVATION[k] = int(act), how
+    act, how = _ACTIVATION[k]
+    util = sc.vllm_config.cache_config.gpu_memory_utilization
+    return int(sc.gpu.memory_bytes * util) - weights - act - NON_TORCH_BYTES, act, how
+
+
 def budget(sc: Scenario) -> pd.DataFrame:
     """The predicted per-GPU budget: item, bytes, GiB, kind (exact / vLLM / estimate / guess), how.
 
@@ -156,8 +175,7 @@ def budget(sc: Scenario) -> pd.DataFrame:
     util = cfg.cache_config.gpu_memory_utilization
     total = sc.gpu.memory_bytes
     weights = weights_total_bytes(sc)
-    act, act_how = activation_peak_estimate(sc)
-    kv = int(total * util) - weights - act - NON_TORCH_BYTES
+    kv, act, act_how = kv_memory_estimate(sc, weights)
     rows = [("GPU memory", total, "exact", f"{sc.gpu.name}, {sc.gpu.memory_mib} MiB"),
             ("usable (x gpu_memory_utilization)", int(total * util), "vLLM", f"x {util}"),
             ("weights", weights, "exact", "vLLM model on the meta device, this rank"),
@@ -168,7 +186,8 @@ def budget(sc: Scenario) -> pd.DataFrame:
         rows += [("KV cache", kv, "estimate", f"{kv_cfg.num_blocks} blocks of {block_size} tokens = "
                   f"{kv_cfg.num_blocks * block_size:,} tokens at {kv_bytes_per_token(sc):,} B/token (vLLM sizing)")]
     else:
-        rows += [("KV cache", 0, "estimate", "nothing left for the KV cache")]
+        rows += [("KV cache", 0, "estimate", f"nothing left for the KV cache ({kv / GiB:,.1f} GiB by this "
+                  "budget): vLLM would stop at start-up, its KV-cache check finding no room for one request")]
     graphs = cudagraph_pool_estimate(sc, act)
     rows += [("CUDA-graph pool", graphs, "estimate", "activations at the largest capture size, shared pool"),
              ("free after start-up", total - int(total * util) - graphs, "estimate",

@@ -23,7 +23,6 @@ from ..errors import DiagError
 from .dispatch import derived_note, dispatch
 from .workload import Workload, single, with_decoders
 
-ACTIVATION_RESERVE_BYTES = 4 << 30  # guess: profile-run activations, CUDA graphs, NCCL buffers per rank
 _SALT = itertools.count()
 PHASE_CODE = {"prefill-chunk": "P", "last-prefill-chunk": "L", "decode": "D"}
 
@@ -62,20 +61,24 @@ def weights_per_rank_bytes(sc) -> int:
 
 
 def default_kv_memory(sc) -> tuple[int, str]:
-    """KV-cache bytes per GPU when none is given (a guess, no profile run on CPU): GPU memory x
-    gpu_memory_utilization - the exact weights of one rank - a fixed activation reserve."""
+    """KV-cache bytes per GPU when none is given (a guess, no profile run on CPU): diaglib.predict.memory's
+    budget (GPU memory x gpu_memory_utilization - the exact weights of one rank - the profile run's activation
+    peak - the non-torch allowance), the same number `diaglib memory` shows."""
+    from .memory import NON_TORCH_BYTES, kv_memory_estimate
+
     util = sc.vllm_config.cache_config.gpu_memory_utilization
     try:
         weights = weights_per_rank_bytes(sc)
     except DiagError as e:
-        raise DiagError(f"{e}; without vLLM's model diaglib cannot guess the KV memory: pass kv_memory_bytes "
-                        "(--kv-memory-gib)") from None
-    kv = int(sc.gpu.memory_bytes * util) - weights - ACTIVATION_RESERVE_BYTES
+        raise DiagError(f"{e}; without vLLM's model diaglib cannot guess the KV memory: give it "
+                        "(--kv-memory-gib, or kv_memory_bytes from Python)") from None
+    kv, act, _ = kv_memory_estimate(sc, weights)
     why = (f"KV memory is a GUESS: {sc.gpu.memory_mib} MiB x {util} - weights {weights / 2**30:.2f} GiB (exact: "
-           f"vLLM's model on the meta device, this rank) - {ACTIVATION_RESERVE_BYTES >> 30} GiB activation reserve "
-           f"= {kv / 2**30:.1f} GiB per GPU")
+           f"vLLM's model on the meta device, this rank) - activation peak {act / 2**30:.2f} GiB (estimate) - "
+           f"{NON_TORCH_BYTES >> 30} GiB non-torch = {kv / 2**30:.1f} GiB per GPU (as `diaglib memory`)")
     if kv <= 0:
-        raise DiagError(f"no memory left for the KV cache by diaglib's estimate ({why}); pass kv_memory_bytes")
+        raise DiagError(f"no memory left for the KV cache by diaglib's estimate ({why}); give the KV memory "
+                        "(--kv-memory-gib, or kv_memory_bytes from Python)")
     return kv, why
 
 

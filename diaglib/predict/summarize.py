@@ -40,10 +40,14 @@ def summarize(sc: Scenario) -> dict:
     """A JSON-ready summary of the resolved scenario, read off vLLM's own objects."""
     from . import architecture
     from .layers import moe_backend
+    from .memory import weights_total_bytes
 
     arch = architecture.facts(sc)
+    usable = int(sc.gpu.memory_bytes * sc.vllm_config.cache_config.gpu_memory_utilization)
+    weights = weights_total_bytes(sc)
     return {**config_summary(sc), "attention_backend": architecture.attention_summary(arch),
-            "moe": moe_backend(sc), "architecture": arch}
+            "moe": moe_backend(sc), "weights": {"bytes_per_gpu": weights, "usable_bytes_per_gpu": usable,
+                                                "fit": weights < usable}, "architecture": arch}
 
 
 def format_text(s: dict) -> str:
@@ -78,6 +82,14 @@ def format_text(s: dict) -> str:
         ("attention", s["attention_backend"]),
         ("MoE", f"{moe['method']} -> {moe['backend']}" if moe else "no MoE layers"),
     ]
+    if "weights" in s:
+        w = s["weights"]
+        text = (f"{w['bytes_per_gpu'] / 2**30:,.1f} GiB per GPU of {w['usable_bytes_per_gpu'] / 2**30:,.1f} GiB "
+                "usable (x gpu_memory_utilization)")
+        if not w["fit"]:
+            text += ("  DOES NOT FIT: vLLM would stop at start-up, loading the model (more GPUs and a larger TP, "
+                     "or a smaller checkpoint)")
+        rows.append(("weights", text))
     if "architecture" in s:
         from .architecture import format_lines
 

@@ -55,12 +55,17 @@ CATALOGUE = (
     Switch("moe-backend", "MoE backend", "another fused-MoE backend (Triton)", "moe_backend", lambda a, b: a != b),
     Switch("attention-backend", "attention backend", "another attention backend", "attention_backend",
            lambda a, b: a != b),
+    Switch("gdn-prefill-triton", "gated-DeltaNet prefill kernel (FlashInfer's)",
+           "vLLM's Triton/FLA GDN prefill instead of FlashInfer's", "custom_kernels", lambda a, b: a != b),
     Switch("budget-1", "token budget (batch exactly at max_num_batched_tokens)", "max_num_batched_tokens - 1",
            "max_num_batched_tokens", lambda a, b: b == a - 1),
     Switch("pad-off", "CUDA-graph padding", "no padding to a capture size", "padding",
            lambda a, b: bool(a) and not b),
 )
 BY_NAME = {s.name: s for s in CATALOGUE}
+# A switch that replaces what this model does not have has no effect, whatever vLLM would accept.
+NOTHING_TO_REPLACE = {"custom_kernels": "every CustomOp runs its forward_native here: no custom kernel to replace",
+                      "moe_backend": "the model has no fused-MoE layer: no MoE backend to replace"}
 # budget-1 sets the same flag as budget+1: it is asked for by name, never part of the default candidates.
 NOT_DEFAULT = ("budget-1",)
 
@@ -79,6 +84,10 @@ def _fact(sc: Scenario, name: str):
         return info and info["backend"]
     if name == "attention_backend":
         return compat.fresh_attention_backend(cfg)
+    if name == "custom_kernels":  # the CustomOps vLLM dispatches to their custom kernel on the meta model
+        from .layers import build_model
+
+        return tuple(sorted(f"{c['class']}.{c['runs']}" for c in compat.custom_ops(build_model(sc)) if c["enabled"]))
     if name == "padding":  # tokens added to the smallest step that is not a capture size
         from .dispatch import dispatch
 
@@ -114,6 +123,10 @@ def verify(sc: Scenario, names: Iterable[str] | None = None) -> pd.DataFrame:
                 before = _fact(sc, sw.fact)
             except (compat.VllmApiMissing, ImportError) as e:  # this vLLM lacks an API the fact is read with
                 row.update(status="unverified", note=f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                rows.append(row)
+                continue
+            if sw.fact in NOTHING_TO_REPLACE and not before:
+                row.update(status="no effect", before=before, after=before, note=NOTHING_TO_REPLACE[sw.fact])
                 rows.append(row)
                 continue
             with compat.with_env(env):
@@ -177,7 +190,7 @@ def implicated(names: Iterable[str] | None) -> str:
 
 def format_text(table: pd.DataFrame) -> str:
     """The verified catalogue, one line per switch: status, spelling, layer, and why where it is not ok."""
-    lines = []
+    lines = [f"{'switch':<20} {'status':<11} {'serve flags / environment':<48} layer it turns off  (why not ok)"]
     for r in table.itertuples():
         spelled = " ".join(list(r.flags) + [f"{k}={v}" for k, v in r.env.items()])
         why = "" if r.status == "ok" else f"  ({r.note})"

@@ -3,7 +3,8 @@
 Several processes report one fault (the worker raises it, the engine core passes it on as ``Worker failed
 with error ...``, the API server as ``EngineDeadError``). The root is the traceback whose error is the most
 specific (illegal memory access > other CUDA error > out of memory > compile error > Python error; a
-passed-on error counts last), earliest first. Its innermost frame is where the error *surfaced*: for an
+passed-on error counts last, and before it one vLLM logged as a warning and survived, such as a failed kernel
+warm-up), earliest first. Its innermost frame is where the error *surfaced*: for an
 asynchronous CUDA fault that is a later launch or synchronisation, not necessarily the faulting kernel.
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Crash:
 
 
 def _rank(tb: tracebacks.Traceback) -> tuple:
-    return (tb.propagated, SEVERITY.index(tb.outcome), tb.line)
+    return (tb.propagated, tb.survived, SEVERITY.index(tb.outcome), tb.line)
 
 
 def root(facts: LogFacts) -> tracebacks.Traceback | None:

@@ -75,10 +75,14 @@ def triage(data: bytes | str, *, source: str = "log", model_dir: str | None = No
     cr = crash_mod.crash(facts)
     ver = version_info(facts)
     rb = rebuild.command(facts, model_dir=model_dir, gpu=gpu, gpu_count=gpu_count, flags=resolve)
-    step = replay.from_dump(facts.dump) if facts.dump else None
+    d = facts.dump
+    step = replay.from_dump(d) if d and d.total_tokens > 0 else None
     t = Triage(source, facts, ver, cr, rb, step, notes=list(facts.notes))
     if step is not None:
-        t.notes += [f"input dump: {n}" for n in facts.dump.notes]
+        t.notes += [f"input dump: {n}" for n in d.notes]
+    elif d is not None:
+        t.notes.append(f"the input dump (log line {d.line}) schedules no tokens (cut short?): the step is not "
+                       "known; candidate steps come from the prompts it lists")
     if not resolve:
         t.notes.append("read only (--no-replay): the command was not rebuilt through vLLM, the step not replayed")
         return t
@@ -87,7 +91,8 @@ def triage(data: bytes | str, *, source: str = "log", model_dir: str | None = No
     if sc is None:
         t.notes.append(f"the scenario could not be rebuilt ({rb.error}): no replay; the suspects are judged from "
                        "the log alone")
-    lengths = prompts or [p["tokens"] for p in facts.prompts if p["exact"]]
+    lengths = prompts or [p["tokens"] for p in facts.prompts if p["exact"]] or \
+        [r.prompt_len for r in (d.requests if d else ()) if r.new and r.prompt_len]
     if sc is not None and step is None:
         if lengths:
             try:
@@ -96,7 +101,7 @@ def triage(data: bytes | str, *, source: str = "log", model_dir: str | None = No
                 notes = [f"no candidate steps: diaglib could not run vLLM {sc.vllm_version}'s scheduler "
                          f"({type(e).__name__}: {e})"]
             t.notes += notes
-            t.notes.append(f"no input dump in the log: {len(t.candidates)} candidate step(s) from "
+            t.notes.append(f"no usable input dump in the log: {len(t.candidates)} candidate step(s) from "
                            f"{len(lengths)} prompt length(s) " + ("given" if prompts else "in the request log"))
         else:
             t.notes.append("no input dump and no prompt lengths in the log: give --prompt N for candidate steps")
@@ -202,7 +207,7 @@ def format_text(t: Triage) -> str:
                 f"            surfaced at {c.surfaced_at or '?'}: {c.surfaced_kind} ({c.surfaced_why})"]
         if c.kernel:
             out.append(f"            kernel {c.kernel} ({c.kernel_kind}; from {c.kernel_from})")
-        if c.cuda_error:
+        if c.cuda_error and c.cuda_error not in (c.message or ""):
             out.append(f"            CUDA error: {c.cuda_error}")
     else:
         out.append("crash       no traceback or CUDA error in the log")

@@ -90,8 +90,9 @@ class LogFacts:
     def crash_line(self) -> int | None:
         if self.dumps:
             return self.dumps[0].line
-        bad = [t.line for t in self.tracebacks if t.outcome != "python_error"]
-        return bad[0] if bad else (self.tracebacks[0].line if self.tracebacks else None)
+        fatal = [t for t in self.tracebacks if not t.survived] or self.tracebacks
+        bad = [t.line for t in fatal if t.outcome != "python_error"]
+        return bad[0] if bad else (fatal[0].line if fatal else None)
 
     @property
     def dump(self) -> dump.StepDump | None:

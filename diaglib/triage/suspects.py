@@ -44,6 +44,7 @@ class Suspect:
     formula: str = ""
     links: list[str] = field(default_factory=list)
     judged_by: str = ""
+    fix: list[str] = field(default_factory=list)  # argv of a fix read off vLLM's own metadata, never the log's words
 
 
 def rank(matches, catalog: list[dict], step: Step | None, replayed: dict | None, crash: Crash | None, *,
@@ -66,6 +67,12 @@ def rank(matches, catalog: list[dict], step: Step | None, replayed: dict | None,
         if c["id"] in NOT_CRASHES:
             s.evidence_against.append("a performance cliff, not a crash")
             s.verdict = "does not apply"
+            out.append(s)
+            continue
+        if c["predicate"] == "required_package_missing":  # the server's environment, not this one, decides
+            _import_error(s, crash, judged_by)
+            s.verdict = _verdict(s, None, log_version, judged_by)
+            s.score = len(s.evidence_for) - len(s.evidence_against)
             out.append(s)
             continue
         expect = EXPECT.get(c["id"], (None, set(), None))
@@ -171,6 +178,29 @@ def _when(s: Suspect, mode, crash: Crash | None) -> None:
         s.evidence_for.append("the crash came while the engine started")
 
 
+def _import_error(s: Suspect, crash: Crash | None, judged_by: str | None) -> None:
+    """The crash's own import error against the distributions the installed vLLM requires."""
+    from .. import compat
+
+    if crash is None:
+        return
+    failed = compat.failed_import(crash.message) if crash.exc_type in ("ModuleNotFoundError", "ImportError") else None
+    if failed is None:
+        _rule_out(s, f"the crash is {crash.exc_type or crash.outcome}, not a failed import: ruled out")
+        return
+    module, name = failed
+    req = compat.required_by_module(module)
+    what = f"{module} is missing" if name is None else f"{module} has no {name}: not the version vLLM pins"
+    if req is None:
+        s.evidence_for.append(f"the crash is {crash.exc_type}: {what}; no distribution vLLM {judged_by} requires "
+                              "provides it here (an optional kernel package?)")
+        return
+    dist, spec = req
+    _for(s, f"the crash is {crash.exc_type}: {what}; it comes from {dist}, which vLLM {judged_by} requires"
+            + (f" ({spec})" if spec else "") + ": the server's environment lacks it")
+    s.fix = ["pip", "install", f"{dist}{spec}"]
+
+
 def _for(s: Suspect, text: str) -> None:
     s.evidence_for.append(text)
     s.strong += 1
@@ -220,9 +250,12 @@ def _advice(s: Suspect, crash: Crash | None) -> None:
 
 def next_commands(command: str | None, gpu: str | None, gpu_count: int | None, step: Step | None,
                   suspects: list[Suspect], switch_spelling: dict | None, switch_order: list[str]) -> list[dict]:
-    """``diaglib probe``, ``bisect`` and ``evidence`` for this step, each as one shell-quoted line (never run)."""
+    """``diaglib probe``, ``bisect`` and ``evidence`` for this step, and the fix a fitting class reads off
+    vLLM's metadata, each as one shell-quoted line (never run)."""
+    fixes = [{"what": "fix", "why": f"{s.id}: install what the installed vLLM requires", "argv": s.fix,
+              "command": shlex.join(s.fix)} for s in suspects if s.fix and s.verdict in ("fits", "possible")]
     if command is None or step is None:
-        return []
+        return fixes
     base = ["--cmd", command] + (["--gpu", gpu] if gpu else []) + (["--gpu-count", str(gpu_count)] if gpu_count else [])
     out = []
     prompts = step.prompt_lens
@@ -256,4 +289,4 @@ def next_commands(command: str | None, gpu: str | None, gpu_count: int | None, s
                 "argv": ["diaglib", "evidence", *base, "--tokens", str(n), "-o", f"evidence-{n}"]})
     for c in out:
         c["command"] = shlex.join(c["argv"])
-    return out
+    return fixes + out

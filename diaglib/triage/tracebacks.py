@@ -63,6 +63,7 @@ class Traceback:
     message: str = ""
     cause_of_next: bool = False  # "The above exception was the direct cause of the following exception"
     level_src: str | None = None
+    level: str | None = None  # the log level of the line it starts on, where it has one
 
     @property
     def innermost(self) -> Frame | None:
@@ -87,13 +88,18 @@ class Traceback:
         return "python_error"
 
     @property
+    def survived(self) -> bool:
+        """Whether vLLM logged it as a warning (or lower) and went on: caught, not what ended the process."""
+        return self.level in ("DEBUG", "INFO", "WARNING")
+
+    @property
     def propagated(self) -> bool:
         """Whether it only passes on an error raised elsewhere (a worker's, the engine core's)."""
         return bool(_PROPAGATED.search(self.message) or _PROPAGATED.search(self.exc_type))
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(outcome=self.outcome, propagated=self.propagated,
+        d.update(outcome=self.outcome, propagated=self.propagated, survived=self.survived,
                  innermost=self.innermost.where if self.innermost else None)
         return d
 
@@ -122,7 +128,7 @@ def extract(lines) -> list[Traceback]:
             close(key)
             if done and chained and done[-1].stream == key:
                 done[-1].cause_of_next = True
-            state[key] = {"tb": Traceback(key, ln.n, level_src=ln.src), "phase": "frames", "msg": 0}
+            state[key] = {"tb": Traceback(key, ln.n, level_src=ln.src, level=ln.level), "phase": "frames", "msg": 0}
             continue
         if st is None:
             if stripped in _CHAIN and done and done[-1].stream == key:
@@ -187,10 +193,13 @@ def kernel(tb: Traceback) -> tuple[str | None, str | None]:
 
 def surfaced_kind(tb: Traceback) -> tuple[str, str]:
     """How the innermost frame met the error: 'sync' (it waited for the GPU), 'launch' (a kernel launch
-    reported it: a sticky earlier fault surfaces there too) or 'other', with the reason in words."""
+    reported it: a sticky earlier fault surfaces there too) or 'other' (a host-side error is raised where it is
+    reported), with the reason in words."""
     f = tb.innermost
     if f is None:
         return "other", "no frame"
+    if tb.outcome in ("python_error", "compile_error"):  # raised on the host, where it is reported
+        return "other", f"{f.where} raised it" + (f" ({f.code})" if f.code else "")
     if _SYNC.search(f.code) or _SYNC_FUNCS.search(f.func):
         return "sync", f"{f.where} waits for the GPU ({f.code or f.func})"
     at = next((i for i in range(len(tb.frames) - 1, -1, -1)

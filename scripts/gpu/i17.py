@@ -11,6 +11,8 @@ three profiled).
 one rank of TP 4, dummy weights) at an 8192-token budget: 8191 / 8192 / 8193, the decode batch and the profile run.
 ``hunt``: candidate real faults picked from diaglib's boundary map and census (HUNT): one engine each, its
 probes on both sides of the predicted threshold and at the budget.
+``bisect``: `diaglib bisect` of the hybrid stand-in's fault (scenario hybrid-gdn, 8191 tokens, the GDN prefill
+switch, counts 8190..8193), its store started from the ``hybrid`` stage's records: it runs only what they lack.
 Records go to DIR/<stage>.jsonl (append-only, fsynced per probe; per-step kernel tables in DIR/kernels/),
 engine logs to DIR/logs/RUN/. ``--dry`` plans every engine and probe without starting one.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -101,9 +104,20 @@ def _run(probes, spec, out: Path, stage: str, name: str, deadline: float, ready:
     print(f"== {name} ({time.monotonic() - t0:.0f} s)\n{df[cols].to_string()}", flush=True)
 
 
+def _bisect(store_path: Path, dry: bool) -> int:
+    from diaglib.cli import main as diaglib
+
+    if not store_path.exists():
+        shutil.copy(DATA / "live" / "h200-vllm-0.20.2-i17" / "hybrid" / "live.jsonl", store_path)
+    argv = ["bisect", "hybrid-gdn", "--tokens", "8191", "--switches", "gdn-prefill-triton", "--range", "8190:8193",
+            "--store", str(store_path), "--timeout", "240"]
+    print("diaglib", " ".join(argv), flush=True)
+    return 0 if dry else diaglib(argv)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["kernels", "deepseek", "hybrid", "hunt"])
+    ap.add_argument("stage", choices=["kernels", "deepseek", "hybrid", "hunt", "bisect"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--budget", type=float, default=540, help="seconds after which nothing new starts")
     ap.add_argument("--only", help="hunt, hybrid: the runs to do, comma-separated (default: all)")
@@ -111,6 +125,8 @@ def main() -> int:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + a.budget
+    if a.stage == "bisect":
+        return _bisect(a.out / "bisect.jsonl", a.dry)
     if a.stage == "kernels":
         jobs = [("i17-kernels", plan(GLM, models=MODELS, gpus=1), _glm_probes(), 480)]
     elif a.stage == "deepseek":
