@@ -131,6 +131,24 @@ def test_kv_bytes_per_token_is_the_one_vllm_sized_the_cache_with(folder, run):
     assert kv_bytes_per_token(sc) == pytest.approx(observed, rel=2e-3)  # the log rounds GiB to 0.01
 
 
+@pytest.mark.parametrize("folder,run", [("hybrid", "i17-hybrid-triton-gdn"), ("deepseek", "i17-deepseek"),
+                                        ("glm", "i17-kernels")])
+def test_kv_cache_size_is_the_one_vllm_logged_for_its_kv_memory(folder, run):
+    """vLLM's sizing of the KV memory it logged, with the KV-cache specs the model's layers give themselves,
+    holds the tokens vLLM logged: for the hybrid stand-in too, whose DeltaNet layers' state pages make every
+    layer a full-attention layer's page four times over (taking them as full attention holds a quarter)."""
+    from diaglib.predict.schedule import kv_specs
+
+    eng = _engine(folder, run)
+    sc = compare._scenario(compare.local_command(eng["spec"], R / folder), "NVIDIA H200")
+    kv_cfg = compat.kv_cache_config(compat.private_config(sc.vllm_config), int(eng["logged"]["kv_cache_gib"] * 2**30),
+                                    kv_specs(sc))[0]
+    assert compat.kv_cache_tokens(sc.vllm_config, kv_cfg) == pytest.approx(eng["logged"]["kv_cache_tokens"],
+                                                                          rel=2e-3)  # the log rounds GiB to 0.01
+    uniform = compat.kv_cache_config(compat.private_config(sc.vllm_config), int(eng["logged"]["kv_cache_gib"] * 2**30))[0]
+    assert (compat.kv_cache_tokens(sc.vllm_config, uniform) < 0.3 * eng["logged"]["kv_cache_tokens"]) == (folder == "hybrid")
+
+
 def _engine(folder: str, run: str) -> dict:
     return next(e for e in store.read(R / folder / "live.jsonl") if e.get("type") == "engine" and e["run"] == run)
 

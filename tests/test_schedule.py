@@ -292,3 +292,30 @@ def test_the_default_kv_memory_is_the_memory_budgets(scenario):
     eng = Engine(scenario)
     assert eng.kv_info["kv_memory_bytes"] == b.loc["KV cache", "bytes"]
     assert f"{eng.kv_info['num_blocks']} blocks of {eng.kv_info['block_size']} tokens" in b.loc["KV cache", "how"]
+
+
+def test_a_sliding_window_model_is_sized_by_the_kv_specs_its_layers_give_themselves():
+    """gemma-3 interleaves sliding-window and global layers: vLLM's sizing groups the layers by the spec each
+    attention layer of its model gives itself (sliding-window groups need only a window's blocks per request),
+    so 20 GiB hold a 128k-token request, which they could not if every layer were full attention."""
+    from diaglib.predict import layers
+    from diaglib.predict.schedule import kv_specs
+    from diaglib.scenario import load
+
+    sc = load(cmd="vllm serve data/models/gemma-3-27b-it --max-num-batched-tokens 8192", gpu="NVIDIA H200",
+              gpu_count=1)
+    eng = Engine(sc, kv_memory_bytes=20 << 30)
+    grouped = {n: type(g.kv_cache_spec).__name__ for g in eng.kv_config.kv_cache_groups for n in g.layer_names}
+    with layers.registered(sc), layers.rank0(sc):
+        ctx = layers.forward_context(sc)
+        own = {n: type(spec).__name__ for n, layer in ctx.items() if hasattr(layer, "get_kv_cache_spec")
+               and (spec := layer.get_kv_cache_spec(sc.vllm_config)) is not None}
+    assert set(grouped) == set(kv_specs(sc)) and len(grouped) == sc.vllm_config.model_config.get_num_layers(
+        sc.vllm_config.parallel_config)
+    if own:  # layers that build their own spec (the 0.10 line's model runner built them)
+        assert grouped == own
+    assert set(grouped.values()) == {"SlidingWindowSpec", "FullAttentionSpec"}
+    assert compat.kv_cache_tokens(sc.vllm_config, eng.kv_config) >= sc.vllm_config.model_config.max_model_len
+    with pytest.raises(DiagError, match="max seq len"):  # all full attention: no room for one 128k request
+        compat.kv_cache_config(compat.private_config(sc.vllm_config), 20 << 30)
+    assert f"in {len(eng.kv_config.kv_cache_groups)} KV-cache groups" in eng.notes[1]

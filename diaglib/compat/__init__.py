@@ -129,6 +129,7 @@ from .scheduling import (
     cache_summary,
     kv_cache_config,
     kv_cache_spec,
+    kv_cache_tokens,
     new_request,
     new_scheduler,
     private_config,

@@ -102,7 +102,7 @@ def _engine_block_sizes(kv_cfg, vllm_config) -> tuple[int, int]:
     return bs, bs
 
 
-def _resolve_kv_cache_layout(vllm_config, spec) -> None:
+def _resolve_kv_cache_layout(vllm_config, specs: list) -> None:
     """Where the engine core resolves one KV-cache layout before sizing (0.29.0+), resolve it as it does:
     from the layouts the attention backend supports, recorded in the (private) cache config."""
     if not has("vllm.v1.attention.backends.utils:resolve_kv_cache_layout") \
@@ -113,21 +113,23 @@ def _resolve_kv_cache_layout(vllm_config, spec) -> None:
     from .attention import attention_backend_class
 
     supported = [layout.name for layout in au.get_supported_kv_cache_layouts([attention_backend_class(vllm_config)])]
-    layout = au.resolve_kv_cache_layout(vllm_config, [supported], [spec])
+    layout = au.resolve_kv_cache_layout(vllm_config, [supported], specs)
     au.record_kv_cache_layout(vllm_config.cache_config, layout.name)
 
 
-def kv_cache_config(vllm_config, memory_bytes: int):
+def kv_cache_config(vllm_config, memory_bytes: int, specs: dict | None = None):
     """vLLM's KVCacheConfig for one rank with ``memory_bytes`` of KV memory, plus the scheduler's
-    (block_size, hash_block_size), as EngineCore._initialize_kv_caches makes them. Too little memory for
+    (block_size, hash_block_size), as EngineCore._initialize_kv_caches makes them. ``specs``: layer name ->
+    KV-cache spec, as the model's layers give them (sliding-window, chunked-local, mamba layers: vLLM's hybrid
+    grouping); without them every decoder layer gets :func:`kv_cache_spec`. Too little memory for
     max_model_len -> DiagError (vLLM's check). Pass a :func:`private_config`: vLLM may write into it."""
     from vllm.v1.core import kv_cache_utils as ku
 
-    spec = kv_cache_spec(vllm_config)
-    n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-    specs = {f"model.layers.{i}.self_attn.attn": spec for i in range(n)}
+    if not specs:
+        n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+        specs = {f"model.layers.{i}.self_attn.attn": kv_cache_spec(vllm_config) for i in range(n)}
     try:
-        _resolve_kv_cache_layout(vllm_config, spec)
+        _resolve_kv_cache_layout(vllm_config, list(specs.values()))
         if has("vllm.v1.core.kv_cache_planning:get_kv_cache_configs"):
             from vllm.v1.core import kv_cache_planning as kp
 
@@ -150,6 +152,20 @@ def kv_cache_config(vllm_config, memory_bytes: int):
         cfg.cache_hit_alignment_tokens = ku.resolve_cache_hit_alignment_tokens(cfg, vllm_config, block_size,
                                                                                hash_block_size)
     return cfg, block_size, hash_block_size
+
+
+def kv_cache_tokens(vllm_config, kv_cfg) -> int:
+    """The tokens of context the KV cache holds by vLLM's group-aware count (sliding-window and chunked-local
+    groups need fewer blocks per request): its max concurrency x max_model_len, what the engine logs as the
+    "KV cache size" where its log takes that count; blocks x block size where this vLLM has no such count."""
+    from vllm.v1.core import kv_cache_utils as ku
+
+    if hasattr(ku, "get_kv_cache_capacity"):
+        return ku.get_kv_cache_capacity(vllm_config, kv_cfg)[0]
+    if hasattr(ku, "get_max_concurrency_for_kv_cache_config"):
+        return int(ku.get_max_concurrency_for_kv_cache_config(vllm_config, kv_cfg)
+                   * vllm_config.model_config.max_model_len)
+    return kv_cfg.num_blocks * vllm_config.cache_config.block_size
 
 
 def new_scheduler(cfg, kv_cfg, block_size: int, hash_block_size: int):

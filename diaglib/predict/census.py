@@ -726,7 +726,9 @@ def _kv_blocks(sc: Scenario, notes: list) -> int:
         b = memory.budget(sc).set_index("item")
         kv = int(b.loc["KV cache", "bytes"])
         if kv > 0:
-            return compat.kv_cache_config(compat.private_config(sc.vllm_config), kv)[0].num_blocks
+            from .schedule import kv_specs
+
+            return compat.kv_cache_config(compat.private_config(sc.vllm_config), kv, kv_specs(sc))[0].num_blocks
         why = "the memory budget leaves nothing for the KV cache"
     except Exception as e:  # noqa: BLE001
         why = f"the memory budget is not available here ({_why(e)})"

@@ -85,10 +85,16 @@ def weights_total_bytes(sc: Scenario) -> int:
 
 
 def kv_bytes_per_token(sc: Scenario) -> int:
-    """KV-cache bytes per token on one rank, all layers (vLLM's KV spec page size / block size x layers)."""
+    """KV-cache bytes per token on one rank, all layers: each layer's KV spec page size / block size (the
+    specs of vLLM's model, schedule.kv_specs; every decoder layer as full attention where there are none)."""
+    from .schedule import kv_specs
+
     cfg = sc.vllm_config
-    spec = compat.kv_cache_spec(cfg)
-    return spec.page_size_bytes // spec.block_size * cfg.model_config.get_num_layers(cfg.parallel_config)
+    specs = kv_specs(sc)
+    if not specs:
+        spec = compat.kv_cache_spec(cfg)
+        return spec.page_size_bytes // spec.block_size * cfg.model_config.get_num_layers(cfg.parallel_config)
+    return sum(s.page_size_bytes // s.block_size for s in specs.values())
 
 
 def large_buffers(sc: Scenario, num_tokens: int | None = None) -> pd.DataFrame:
@@ -182,9 +188,12 @@ def budget(sc: Scenario) -> pd.DataFrame:
             ("activation peak (profile run)", act, "estimate", act_how),
             ("non-torch (NCCL, cuBLAS, context)", NON_TORCH_BYTES, "guess", "fixed allowance")]
     if kv > 0:
-        kv_cfg, block_size, _ = compat.kv_cache_config(cfg, kv)
-        rows += [("KV cache", kv, "estimate", f"{kv_cfg.num_blocks} blocks of {block_size} tokens = "
-                  f"{kv_cfg.num_blocks * block_size:,} tokens at {kv_bytes_per_token(sc):,} B/token (vLLM sizing)")]
+        from .schedule import kv_specs
+
+        kv_cfg, block_size, _ = compat.kv_cache_config(compat.private_config(cfg), kv, kv_specs(sc))
+        rows += [("KV cache", kv, "estimate", f"{kv_cfg.num_blocks} blocks of {block_size} tokens, "
+                  f"{compat.kv_cache_tokens(cfg, kv_cfg):,} tokens of context at {kv_bytes_per_token(sc):,} "
+                  "B/token (vLLM sizing)")]
     else:
         rows += [("KV cache", 0, "estimate", f"nothing left for the KV cache ({kv / GiB:,.1f} GiB by this "
                   "budget): vLLM would stop at start-up, its KV-cache check finding no room for one request")]

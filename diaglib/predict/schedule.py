@@ -30,6 +30,7 @@ PHASE_CODE = {"prefill-chunk": "P", "last-prefill-chunk": "L", "decode": "D"}
 # --- KV memory --------------------------------------------------------------------------------------
 
 _WEIGHTS: dict[str, int] = {}  # per-rank weight bytes by model key, for the life of the process
+_KV_SPECS: dict[str, dict | None] = {}  # layer name -> KV-cache spec by model and cache key, likewise
 
 
 def _model_key(sc) -> dict:
@@ -58,6 +59,31 @@ def weights_per_rank_bytes(sc) -> int:
     if k not in _WEIGHTS:
         _WEIGHTS[k] = int(cache.memo("weights", parts, lambda: weights_total_bytes(sc)))
     return _WEIGHTS[k]
+
+
+def kv_specs(sc) -> dict | None:
+    """Layer name -> the KV-cache spec each layer of vLLM's model (on the meta device) gives itself, under the
+    config as vLLM runs it after loading the model (the block size it may raise then): full, sliding-window,
+    chunked-local, MLA and mamba layers as the engine core sizes them. Kept like the weights; None where vLLM
+    cannot build the model here (KV sizing then takes every decoder layer as full attention)."""
+    from .. import cache
+    from .architecture import loaded_config
+    from .layers import forward_context, rank0, registered
+
+    cc, mc = sc.vllm_config.cache_config, sc.vllm_config.model_config
+    parts = {**_model_key(sc), "files": cache.model_files(sc.model_dir), "cache": repr(cc),
+             "max_model_len": mc.max_model_len, "sliding_window": str(getattr(mc, "disable_sliding_window", None))}
+    k = cache.key("kv-specs", parts)
+    if k not in _KV_SPECS:
+        def specs():
+            try:
+                cfg = loaded_config(sc)
+                with registered(sc), rank0(sc):
+                    return compat.layer_kv_cache_specs(cfg, forward_context(sc)) or None
+            except DiagError:
+                return None
+        _KV_SPECS[k] = cache.memo("kv-specs", parts, specs, pickled=True)
+    return _KV_SPECS[k]
 
 
 def default_kv_memory(sc) -> tuple[int, str]:
@@ -153,7 +179,8 @@ class Engine:
         else:
             memory, why = int(kv_memory_bytes), f"KV memory given: {kv_memory_bytes / 2**30:.2f} GiB per GPU"
         with quiet_gc():
-            self.kv_config, block_size, hash_block_size = compat.kv_cache_config(self.cfg, memory)
+            specs = kv_specs(sc)
+            self.kv_config, block_size, hash_block_size = compat.kv_cache_config(self.cfg, memory, specs)
             self.scheduler, self.hasher, text_only = compat.new_scheduler(self.cfg, self.kv_config, block_size,
                                                                           hash_block_size)
         self.prefix = (_PrefixHashes(self.hasher, hash_block_size)
@@ -164,8 +191,13 @@ class Engine:
         self._dispatched: dict[tuple[int, int, int], dict] = {}  # batch shape -> vLLM's dispatch of it
         self.kv_info = {"kv_memory_bytes": memory, "num_blocks": self.kv_config.num_blocks, "block_size": block_size,
                         "guessed": kv_memory_bytes is None}
+        groups = len(getattr(self.kv_config, "kv_cache_groups", None) or [None])
         self.notes = [why, f"{type(self.scheduler).__name__}, {self.kv_config.num_blocks} KV blocks of "
-                           f"{block_size} tokens (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
+                           f"{block_size} tokens" + (f" in {groups} KV-cache groups" if groups > 1 else "")
+                      + f" (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
+        if specs is None:
+            self.notes.append("KV sizing takes every decoder layer as full attention: vLLM's model could not be "
+                              "built here to give its layers' own KV-cache specs")
         if derived_note(self.cfg):
             self.notes.append("graph dispatch " + derived_note(self.cfg))
         if text_only:
