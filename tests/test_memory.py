@@ -157,3 +157,20 @@ def test_zoo_weights_are_vllms_meta_model(name, gpu):
                  for p in m.parameters(recurse=False)}  # e.g. a router bias vLLM registers on the gate too
     assert w.loc["MoE routed experts", "bytes"] == sum(p.numel() * p.element_size() for m in moe_layers
                                                        for p in m.parameters(recurse=False) if id(p) not in elsewhere)
+
+
+def test_the_kv_row_of_a_sliding_window_model_names_its_kv_cache_groups():
+    """gemma-3: the KV row counts the layers of each spec kind vLLM's model gives (sliding-window and global)
+    in vLLM's KV-cache groups."""
+    from collections import Counter
+
+    from diaglib.predict.schedule import kv_specs
+    from diaglib.scenario import load
+
+    sc = load(cmd="vllm serve data/models/gemma-3-27b-it --max-num-batched-tokens 8192", gpu="NVIDIA H200",
+              gpu_count=1)
+    how = memory.budget(sc).set_index("item").loc["KV cache", "how"]
+    kinds = Counter(type(s).__name__ for s in kv_specs(sc).values())
+    assert set(kinds) == {"SlidingWindowSpec", "FullAttentionSpec"}
+    for kind, n in kinds.items():
+        assert f"{n} layers of {kind} in " in how

@@ -191,9 +191,11 @@ def budget(sc: Scenario) -> pd.DataFrame:
         from .schedule import kv_specs
 
         kv_cfg, block_size, _ = compat.kv_cache_config(compat.private_config(cfg), kv, kv_specs(sc))
-        rows += [("KV cache", kv, "estimate", f"{kv_cfg.num_blocks} blocks of {block_size} tokens, "
-                  f"{compat.kv_cache_tokens(cfg, kv_cfg):,} tokens of context at {kv_bytes_per_token(sc):,} "
-                  "B/token (vLLM sizing)")]
+        groups = getattr(kv_cfg, "kv_cache_groups", None) or []
+        blocks = (f"{kv_cfg.num_blocks} blocks of {block_size} tokens" if len(groups) <= 1 else
+                  f"{kv_cfg.num_blocks} blocks shared by {len(groups)} KV-cache groups (" + _group_kinds(groups) + ")")
+        rows += [("KV cache", kv, "estimate", f"{blocks}, {compat.kv_cache_tokens(cfg, kv_cfg):,} tokens of "
+                  f"context at {kv_bytes_per_token(sc):,} B/token (vLLM sizing)")]
     else:
         rows += [("KV cache", 0, "estimate", f"nothing left for the KV cache ({kv / GiB:,.1f} GiB by this "
                   "budget): vLLM would stop at start-up, its KV-cache check finding no room for one request")]
@@ -204,6 +206,14 @@ def budget(sc: Scenario) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["item", "bytes", "kind", "how"])
     df["GiB"] = df["bytes"] / GiB
     return df[["item", "bytes", "GiB", "kind", "how"]]
+
+
+def _group_kinds(groups) -> str:
+    """vLLM's KV-cache groups by spec kind: '52 layers of SlidingWindowSpec in 6, 10 layers of FullAttentionSpec in 1'."""
+    kinds: dict[str, list[int]] = {}
+    for g in groups:
+        kinds.setdefault(type(g.kv_cache_spec).__name__, []).append(len(g.layer_names))
+    return ", ".join(f"{sum(n)} layers of {k} in {len(n)}" for k, n in kinds.items())
 
 
 def cudagraph_pool_estimate(sc: Scenario, activation_bytes: int) -> int:
