@@ -318,4 +318,4 @@ def test_a_sliding_window_model_is_sized_by_the_kv_specs_its_layers_give_themsel
     assert compat.kv_cache_tokens(sc.vllm_config, eng.kv_config) >= sc.vllm_config.model_config.max_model_len
     with pytest.raises(DiagError, match="max seq len"):  # all full attention: no room for one 128k request
         compat.kv_cache_config(compat.private_config(sc.vllm_config), 20 << 30)
-    assert f"in {len(eng.kv_config.kv_cache_groups)} KV-cache groups" in eng.notes[1]
+    assert f"shared by {len(eng.kv_config.kv_cache_groups)} KV-cache groups" in eng.notes[1]

@@ -192,9 +192,11 @@ class Engine:
         self.kv_info = {"kv_memory_bytes": memory, "num_blocks": self.kv_config.num_blocks, "block_size": block_size,
                         "guessed": kv_memory_bytes is None}
         groups = len(getattr(self.kv_config, "kv_cache_groups", None) or [None])
-        self.notes = [why, f"{type(self.scheduler).__name__}, {self.kv_config.num_blocks} KV blocks of "
-                           f"{block_size} tokens" + (f" in {groups} KV-cache groups" if groups > 1 else "")
-                      + f" (vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
+        blocks = (f"{self.kv_config.num_blocks} KV blocks of {block_size} tokens" if groups <= 1 else
+                  f"{self.kv_config.num_blocks} KV blocks shared by {groups} KV-cache groups (scheduler block size "
+                  f"{block_size}: the groups' least common multiple)")
+        self.notes = [why, f"{type(self.scheduler).__name__}, {blocks} (vLLM's KV-cache sizing), "
+                           f"{self.queue_size} step(s) in flight"]
         if specs is None:
             self.notes.append("KV sizing takes every decoder layer as full attention: vLLM's model could not be "
                               "built here to give its layers' own KV-cache specs")
