@@ -194,7 +194,7 @@ class Engine:
         groups = len(getattr(self.kv_config, "kv_cache_groups", None) or [None])
         blocks = (f"{self.kv_config.num_blocks} KV blocks of {block_size} tokens" if groups <= 1 else
                   f"{self.kv_config.num_blocks} KV blocks shared by {groups} KV-cache groups (scheduler block size "
-                  f"{block_size}: the groups' least common multiple)")
+                  f"{block_size})")
         self.notes = [why, f"{type(self.scheduler).__name__}, {blocks} (vLLM's KV-cache sizing), "
                            f"{self.queue_size} step(s) in flight"]
         if specs is None:
