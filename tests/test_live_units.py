@@ -140,6 +140,22 @@ def test_rank_config_rejects_sizes_that_do_not_divide(tmp_path):
         standin.write_standin(tmp_path / "nowhere", 8, tmp_path / "out")
 
 
+def test_rank_config_divides_a_multimodal_wrappers_text_config(tmp_path):
+    """Llama-4 Scout nests its language model in text_config: that is what TP shards; the vocabulary a probe
+    may use comes from vLLM's text config where config.json leaves it to the class default (gemma-3)."""
+    cfg = json.loads((DATA / "models" / "Llama-4-Scout-17B-16E-Instruct" / "config.json").read_text())
+    text = cfg["text_config"]
+    r = standin.rank_config(cfg, 8)["text_config"]
+    assert (r["num_attention_heads"], r["num_key_value_heads"], r["intermediate_size"], r["vocab_size"]) == (
+        text["num_attention_heads"] // 8, 1, text["intermediate_size"] // 8, text["vocab_size"] // 8)
+    assert r["head_dim"] == text["head_dim"] and r["hidden_size"] == text["hidden_size"]
+    gemma = standin.write_standin(DATA / "models" / "gemma-3-27b-it", 1, tmp_path / "gemma")
+    from diaglib.scenario import load
+
+    sc = load(cmd=f"vllm serve {DATA / 'models' / 'gemma-3-27b-it'}", gpu="NVIDIA H200", gpu_count=1)
+    assert standin.per_rank_vocab(gemma) == sc.vllm_config.model_config.get_vocab_size()
+
+
 def test_committed_standin_is_what_the_writer_makes(tmp_path):
     out = standin.write_standin(GLM, 8, tmp_path / "GLM-4.6-FP8-tp8")
     committed = json.loads((DATA / "live" / "standins" / "GLM-4.6-FP8-tp8" / "config.json").read_text())

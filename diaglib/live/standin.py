@@ -26,12 +26,24 @@ NOT_REPRODUCED = (
 
 
 def rank_config(config: dict, tp: int) -> dict:
-    """``config`` (a config.json dict) as seen by one of ``tp`` ranks; raises DiagError if a size won't divide."""
+    """``config`` (a config.json dict) as seen by one of ``tp`` ranks; raises DiagError if a size won't divide.
+    A multimodal wrapper's ``text_config`` (the language model vLLM shards) is divided the same way."""
     if tp < 1:
         raise DiagError(f"tensor-parallel size must be >= 1, got {tp}")
+    out, divided = _divide(config, tp)
+    if isinstance(config.get("text_config"), dict):
+        out["text_config"], inner = _divide(config["text_config"], tp)
+        divided.update({f"text_config.{k}": v for k, v in inner.items()})
+    out["diaglib_standin"] = {"kind": "rank-equivalent", "tp": tp, "divided": divided,
+                              "not_reproduced": list(NOT_REPRODUCED)}
+    return out
+
+
+def _divide(config: dict, tp: int) -> tuple[dict, dict]:
+    """(a copy of ``config`` with its TP-sharded sizes per rank, {key: [total, per rank]})."""
     out = json.loads(json.dumps(config))
     heads = config.get("num_attention_heads")
-    if heads and "head_dim" not in out and "kv_lora_rank" not in config:
+    if heads and "head_dim" not in out and "kv_lora_rank" not in config and "hidden_size" in config:
         out["head_dim"] = config["hidden_size"] // heads  # keep the real head size once heads are divided
     divided = {}
     for key, value in config.items():
@@ -47,9 +59,7 @@ def rank_config(config: dict, tp: int) -> dict:
             per_rank = value // tp
         out[key] = per_rank
         divided[key] = [value, per_rank]
-    out["diaglib_standin"] = {"kind": "rank-equivalent", "tp": tp, "divided": divided,
-                              "not_reproduced": list(NOT_REPRODUCED)}
-    return out
+    return out, divided
 
 
 def write_standin(model_dir: str | Path, tp: int, out_dir: str | Path) -> Path:
@@ -76,6 +86,11 @@ def per_rank_vocab(model_dir: str | Path) -> int:
     """The vocabulary a probe's token ids must stay below (class 14: vLLM does not check them)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     vocab = cfg.get("vocab_size") or cfg.get("text_config", {}).get("vocab_size")
-    if not vocab:
-        raise DiagError(f"{model_dir}: config.json has no vocab_size")
+    if not vocab:  # left to the config class's default: ask transformers, as vLLM does
+        try:
+            from transformers import AutoConfig
+
+            vocab = AutoConfig.from_pretrained(str(model_dir)).get_text_config().vocab_size
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise DiagError(f"{model_dir}: no vocab_size in config.json, nor from transformers ({e})") from None
     return int(vocab)

@@ -9,6 +9,9 @@ dummy weights) at an 8192-token budget: 8191 / 8192 / 8193, the decode batch and
 three profiled).
 ``hybrid``: a hybrid-attention rank stand-in (Qwen3-Next's config: gated DeltaNet and full attention layers, MoE;
 one rank of TP 4, dummy weights) at an 8192-token budget: 8191 / 8192 / 8193, the decode batch and the profile run.
+``window``: gemma-3-27b (interleaved sliding-window and global attention; its language model only, dummy weights,
+one H200) at an 8192-token budget: 8191 / 8192 / 8193, the decode batch and the profile run; the KV cache vLLM
+sizes over its sliding-window and full-attention groups against diaglib's.
 ``hunt``: candidate real faults picked from diaglib's boundary map and census (HUNT): one engine each, its
 probes on both sides of the predicted threshold and at the budget.
 ``bisect``: `diaglib bisect` of the hybrid stand-in's fault (scenario hybrid-gdn, 8191 tokens, the GDN prefill
@@ -35,10 +38,12 @@ MODELS = {"zai-org/GLM-4.6-FP8": str(DATA / "models" / "GLM-4.6-FP8"),
           "deepseek-ai/DeepSeek-R1": str(DATA / "models" / "DeepSeek-R1"),
           "meta-llama/Llama-3.1-8B-Instruct": str(DATA / "models" / "Llama-3.1-8B-Instruct"),
           "Qwen/Qwen2.5-72B-Instruct-AWQ": str(DATA / "models" / "Qwen2.5-72B-Instruct-ko-AWQ"),
-          "Qwen/Qwen3-Next-80B-A3B-Thinking": str(DATA / "models" / "Qwen3-Next-80B-A3B-Thinking")}
+          "Qwen/Qwen3-Next-80B-A3B-Thinking": str(DATA / "models" / "Qwen3-Next-80B-A3B-Thinking"),
+          "google/gemma-3-27b-it": str(DATA / "models" / "gemma-3-27b-it")}
 GLM = "vllm serve zai-org/GLM-4.6-FP8 --enable-chunked-prefill --max-num-batched-tokens 8192 -tp 8"
 DEEPSEEK = "vllm serve deepseek-ai/DeepSeek-R1 -tp 8 --max-num-batched-tokens 8192"
 HYBRID = "vllm serve Qwen/Qwen3-Next-80B-A3B-Thinking -tp 4 --max-num-batched-tokens 8192"
+WINDOW = "vllm serve google/gemma-3-27b-it --language-model-only --max-num-batched-tokens 8192"
 AWQ = "vllm serve Qwen/Qwen2.5-72B-Instruct-AWQ --max-num-batched-tokens 65536 --enforce-eager"
 DECODE = {"lengths": [128] * 32, "max_tokens": 3}
 
@@ -117,7 +122,7 @@ def _bisect(store_path: Path, dry: bool) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=["kernels", "deepseek", "hybrid", "hunt", "bisect"])
+    ap.add_argument("stage", choices=["kernels", "deepseek", "hybrid", "window", "hunt", "bisect"])
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--budget", type=float, default=540, help="seconds after which nothing new starts")
     ap.add_argument("--only", help="hunt, hybrid: the runs to do, comma-separated (default: all)")
@@ -135,6 +140,8 @@ def main() -> int:
         jobs = [(name, plan(cmd, models=MODELS, gpus=1), _hybrid_probes(), 540) for name, cmd in
                 (("i17-hybrid", HYBRID), ("i17-hybrid-triton-gdn", HYBRID + " --gdn-prefill-backend triton"))
                 if not a.only or name in a.only.split(",")]
+    elif a.stage == "window":
+        jobs = [("i17-window", plan(WINDOW, models=MODELS, gpus=1), _hybrid_probes(), 540)]
     else:
         only = set(a.only.split(",")) if a.only else None
         jobs = [(run, _with_env(plan(cmd, models=MODELS, gpus=1), HUNT_ENV.get(run, {})), _hunt_probes(run, lengths),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call of issue 17 (run from the repo root on the GPU host; results land in $OUT).
-#   bash scripts/gpu/i17.sh BUDGET_S STAGE [ARGS...]     (STAGE: kernels, deepseek, hybrid, hunt, bisect; ARGS go to i17.py)
+#   bash scripts/gpu/i17.sh BUDGET_S STAGE [ARGS...]     (STAGE: kernels, deepseek, hybrid, window, hunt, bisect; ARGS go to i17.py)
 # Installs the offline vLLM bundle gathered in /tmp/bundle (once per machine), runs scripts/gpu/i17.py STAGE with
 # its records in /tmp/i17 (kept between calls on a warm machine: a re-run resumes from the store), then packs the
 # stage's records, kernel tables, logs and raw traces (in 15 MB parts) into $OUT. The driver is killed outright at
