@@ -276,6 +276,18 @@ def memo(namespace: str, parts: dict, compute: Callable[[], Any], *, enabled: bo
     return value
 
 
+_HERE: dict[str, Any] = {}  # memo_here's answers, for the life of the process
+
+
+def memo_here(namespace: str, parts: dict, compute: Callable[[], Any], *, pickled: bool = False) -> Any:
+    """:func:`memo`, and the answer kept in this process too: what a sweep asks again for every setting is read
+    from disk once (and, with DIAGLIB_NO_CACHE, computed once)."""
+    k = key(namespace, {**parts, "pickled": True} if pickled else parts)
+    if k not in _HERE:
+        _HERE[k] = memo(namespace, parts, compute, pickled=pickled)
+    return _HERE[k]
+
+
 def info() -> dict:
     """Where the cache lives and what it holds."""
     files = [p for p in answers_dir().rglob("*.json")] if answers_dir().is_dir() else []

@@ -127,6 +127,7 @@ from .releases import (
 from .scheduling import (
     batch_queue_size,
     cache_summary,
+    full_attention_kv_specs,
     kv_cache_config,
     kv_cache_spec,
     kv_cache_tokens,

@@ -80,6 +80,13 @@ def kv_cache_spec(vllm_config):
                 use_mla=mc.use_mla, **common)
 
 
+def full_attention_kv_specs(vllm_config) -> dict:
+    """Layer name -> :func:`kv_cache_spec` for every decoder layer: the layout where the model's own layers cannot
+    give theirs."""
+    n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    return {f"model.layers.{i}.self_attn.attn": kv_cache_spec(vllm_config) for i in range(n)}
+
+
 def private_config(vllm_config):
     """A copy of the config whose cache and model configs are its own: what vLLM's engine start-up writes
     into them (num_gpu_blocks; max_model_len, which KV sizing may leave changed after a failed check)
@@ -125,9 +132,7 @@ def kv_cache_config(vllm_config, memory_bytes: int, specs: dict | None = None):
     max_model_len -> DiagError (vLLM's check). Pass a :func:`private_config`: vLLM may write into it."""
     from vllm.v1.core import kv_cache_utils as ku
 
-    if not specs:
-        n = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
-        specs = {f"model.layers.{i}.self_attn.attn": kv_cache_spec(vllm_config) for i in range(n)}
+    specs = specs or full_attention_kv_specs(vllm_config)
     try:
         _resolve_kv_cache_layout(vllm_config, list(specs.values()))
         if has("vllm.v1.core.kv_cache_planning:get_kv_cache_configs"):

@@ -89,11 +89,7 @@ def kv_bytes_per_token(sc: Scenario) -> int:
     specs of vLLM's model, schedule.kv_specs; every decoder layer as full attention where there are none)."""
     from .schedule import kv_specs
 
-    cfg = sc.vllm_config
-    specs = kv_specs(sc)
-    if not specs:
-        spec = compat.kv_cache_spec(cfg)
-        return spec.page_size_bytes // spec.block_size * cfg.model_config.get_num_layers(cfg.parallel_config)
+    specs = kv_specs(sc) or compat.full_attention_kv_specs(sc.vllm_config)
     return sum(s.page_size_bytes // s.block_size for s in specs.values())
 
 
@@ -151,9 +147,6 @@ def activation_peak_estimate(sc: Scenario) -> tuple[int, str]:
     return total, "estimate: " + " + ".join(parts)
 
 
-_ACTIVATION: dict[str, tuple[int, str]] = {}  # per scenario (its command, model files and GPU), for the process
-
-
 def kv_memory_estimate(sc: Scenario, weights: int) -> tuple[int, int, str]:
     """(KV-cache bytes per GPU, activation peak, how) by this budget: GPU memory x gpu_memory_utilization -
     ``weights`` - the profile run's activation peak (estimate) - the non-torch allowance (guess). The
@@ -161,11 +154,8 @@ def kv_memory_estimate(sc: Scenario, weights: int) -> tuple[int, int, str]:
     same settings again (here, in its workers, or next time) reuses it."""
     from .. import cache
 
-    k = cache.key("activation", sc.key_parts())
-    if k not in _ACTIVATION:
-        act, how = cache.memo("activation", sc.key_parts(), lambda: list(activation_peak_estimate(sc)))
-        _ACTIVATION[k] = int(act), how
-    act, how = _ACTIVATION[k]
+    act, how = cache.memo_here("activation", sc.key_parts(), lambda: list(activation_peak_estimate(sc)))
+    act = int(act)
     util = sc.vllm_config.cache_config.gpu_memory_utilization
     return int(sc.gpu.memory_bytes * util) - weights - act - NON_TORCH_BYTES, act, how
 
@@ -191,11 +181,9 @@ def budget(sc: Scenario) -> pd.DataFrame:
         from .schedule import kv_specs
 
         kv_cfg, block_size, _ = compat.kv_cache_config(compat.private_config(cfg), kv, kv_specs(sc))
-        groups = getattr(kv_cfg, "kv_cache_groups", None) or []
-        blocks = (f"{kv_cfg.num_blocks} blocks of {block_size} tokens" if len(groups) <= 1 else
-                  f"{kv_cfg.num_blocks} blocks shared by {len(groups)} KV-cache groups (" + _group_kinds(groups) + ")")
-        rows += [("KV cache", kv, "estimate", f"{blocks}, {compat.kv_cache_tokens(cfg, kv_cfg):,} tokens of "
-                  f"context at {kv_bytes_per_token(sc):,} B/token (vLLM sizing)")]
+        rows += [("KV cache", kv, "estimate", f"{kv_blocks_text(kv_cfg, block_size)}, "
+                  f"{compat.kv_cache_tokens(cfg, kv_cfg):,} tokens of context at {kv_bytes_per_token(sc):,} "
+                  "B/token (vLLM sizing)")]
     else:
         rows += [("KV cache", 0, "estimate", f"nothing left for the KV cache ({kv / GiB:,.1f} GiB by this "
                   "budget): vLLM would stop at start-up, its KV-cache check finding no room for one request")]
@@ -208,12 +196,19 @@ def budget(sc: Scenario) -> pd.DataFrame:
     return df[["item", "bytes", "GiB", "kind", "how"]]
 
 
-def _group_kinds(groups) -> str:
-    """vLLM's KV-cache groups by spec kind: '52 layers of SlidingWindowSpec in 6, 10 layers of FullAttentionSpec in 1'."""
+def kv_blocks_text(kv_cfg, block_size: int) -> str:
+    """vLLM's KV blocks in words: 'N blocks of 16 tokens', or, for several KV-cache groups, the groups by spec
+    kind ('52 layers of SlidingWindowSpec in 6, 10 layers of FullAttentionSpec in 1') and the scheduler's
+    block size."""
+    groups = getattr(kv_cfg, "kv_cache_groups", None) or []
+    if len(groups) <= 1:
+        return f"{kv_cfg.num_blocks} blocks of {block_size} tokens"
     kinds: dict[str, list[int]] = {}
     for g in groups:
         kinds.setdefault(type(g.kv_cache_spec).__name__, []).append(len(g.layer_names))
-    return ", ".join(f"{sum(n)} layers of {k} in {len(n)}" for k, n in kinds.items())
+    return (f"{kv_cfg.num_blocks} blocks shared by {len(groups)} KV-cache groups ("
+            + ", ".join(f"{sum(n)} layers of {k} in {len(n)}" for k, n in kinds.items())
+            + f"; scheduler block size {block_size})")
 
 
 def cudagraph_pool_estimate(sc: Scenario, activation_bytes: int) -> int:

@@ -29,14 +29,13 @@ PHASE_CODE = {"prefill-chunk": "P", "last-prefill-chunk": "L", "decode": "D"}
 
 # --- KV memory --------------------------------------------------------------------------------------
 
-_WEIGHTS: dict[str, int] = {}  # per-rank weight bytes by model key, for the life of the process
-_KV_SPECS: dict[str, dict | None] = {}  # layer name -> KV-cache spec by model and cache key, likewise
-
 
 def _model_key(sc) -> dict:
-    """What decides the weights vLLM builds for rank 0 (the model, its dtype and quantization, the parallel
-    layout, the KV-cache dtype of the attention layers' scales); scheduler knobs are not in it, so a sweep
-    over them builds the model once."""
+    """What decides the weights vLLM builds for rank 0 (the model and its folder's files, its dtype and
+    quantization, the parallel layout, the KV-cache dtype of the attention layers' scales); scheduler knobs are
+    not in it, so a sweep over them builds the model once."""
+    from .. import cache
+
     cfg = sc.vllm_config
     mc, pc = cfg.model_config, cfg.parallel_config
     return {"hf_config": mc.hf_config.to_json_string(use_diff=False), "dtype": str(mc.dtype),
@@ -45,7 +44,8 @@ def _model_key(sc) -> dict:
                          bool(pc.enable_expert_parallel), getattr(pc, "decode_context_parallel_size", 1),
                          getattr(pc, "prefill_context_parallel_size", 1)],
             "cache_dtype": str(cfg.cache_config.cache_dtype), "gpu": sc.gpu.name,
-            "impl": [str(getattr(mc, n, None)) for n in ("model_impl", "runner_type", "convert_type")]}
+            "impl": [str(getattr(mc, n, None)) for n in ("model_impl", "runner_type", "convert_type")],
+            "files": cache.model_files(sc.model_dir)}
 
 
 def weights_per_rank_bytes(sc) -> int:
@@ -54,11 +54,7 @@ def weights_per_rank_bytes(sc) -> int:
     from .. import cache
     from .memory import weights_total_bytes
 
-    parts = {**_model_key(sc), "files": cache.model_files(sc.model_dir)}
-    k = cache.key("weights", parts)
-    if k not in _WEIGHTS:
-        _WEIGHTS[k] = int(cache.memo("weights", parts, lambda: weights_total_bytes(sc)))
-    return _WEIGHTS[k]
+    return int(cache.memo_here("weights", _model_key(sc), lambda: weights_total_bytes(sc)))
 
 
 def kv_specs(sc) -> dict | None:
@@ -71,19 +67,17 @@ def kv_specs(sc) -> dict | None:
     from .layers import forward_context, rank0, registered
 
     cc, mc = sc.vllm_config.cache_config, sc.vllm_config.model_config
-    parts = {**_model_key(sc), "files": cache.model_files(sc.model_dir), "cache": repr(cc),
-             "max_model_len": mc.max_model_len, "sliding_window": str(getattr(mc, "disable_sliding_window", None))}
-    k = cache.key("kv-specs", parts)
-    if k not in _KV_SPECS:
-        def specs():
-            try:
-                cfg = loaded_config(sc)
-                with registered(sc), rank0(sc):
-                    return compat.layer_kv_cache_specs(cfg, forward_context(sc)) or None
-            except DiagError:
-                return None
-        _KV_SPECS[k] = cache.memo("kv-specs", parts, specs, pickled=True)
-    return _KV_SPECS[k]
+    parts = {**_model_key(sc), "cache": repr(cc), "max_model_len": mc.max_model_len,
+             "sliding_window": str(getattr(mc, "disable_sliding_window", None))}
+
+    def specs():
+        try:
+            cfg = loaded_config(sc)
+            with registered(sc), rank0(sc):
+                return compat.layer_kv_cache_specs(cfg, forward_context(sc)) or None
+        except DiagError:
+            return None
+    return cache.memo_here("kv-specs", parts, specs, pickled=True)
 
 
 def default_kv_memory(sc) -> tuple[int, str]:
@@ -191,12 +185,10 @@ class Engine:
         self._dispatched: dict[tuple[int, int, int], dict] = {}  # batch shape -> vLLM's dispatch of it
         self.kv_info = {"kv_memory_bytes": memory, "num_blocks": self.kv_config.num_blocks, "block_size": block_size,
                         "guessed": kv_memory_bytes is None}
-        groups = len(getattr(self.kv_config, "kv_cache_groups", None) or [None])
-        blocks = (f"{self.kv_config.num_blocks} KV blocks of {block_size} tokens" if groups <= 1 else
-                  f"{self.kv_config.num_blocks} KV blocks shared by {groups} KV-cache groups (scheduler block size "
-                  f"{block_size})")
-        self.notes = [why, f"{type(self.scheduler).__name__}, {blocks} (vLLM's KV-cache sizing), "
-                           f"{self.queue_size} step(s) in flight"]
+        from .memory import kv_blocks_text
+
+        self.notes = [why, f"{type(self.scheduler).__name__}, KV cache: {kv_blocks_text(self.kv_config, block_size)} "
+                           f"(vLLM's KV-cache sizing), {self.queue_size} step(s) in flight"]
         if specs is None:
             self.notes.append("KV sizing takes every decoder layer as full attention: vLLM's model could not be "
                               "built here to give its layers' own KV-cache specs")
