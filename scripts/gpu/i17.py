@@ -64,6 +64,10 @@ HUNT = [
      "36,315 tokens; down_proj A [N x 29568] from 72,629; the profile run at start-up is 65,536"),
     ("hunt-awq-marlin", AWQ, [],
      "the same crossings through Marlin (MacheteLinearKernel disabled: vLLM's next int4 kernel on sm90)"),
+    ("hunt-gemma-int32", "vllm serve google/gemma-3-27b-it --language-model-only --max-num-batched-tokens 65536",
+     [49932, 49933, 65536],
+     "census int32: gate_up_proj out [N x 43008] (cuBLAS) and Inductor's gelu and mul over [N x 21504] pass "
+     "INT32_MAX from 49,933 tokens; the profile run at start-up is 65,536"),
 ]
 # a prompt is at most max_model_len - 1 (32,767) tokens: steps past it are two prompts scheduled together
 _AWQ_BATCHES = [{"lengths": [18157, 18157], "max_tokens": 1}, {"lengths": [18158, 18158], "max_tokens": 1},
