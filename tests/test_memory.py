@@ -1,10 +1,13 @@
 """The memory layout: exact weights from vLLM's meta-device model, KV sizing from vLLM, estimates labelled."""
 from __future__ import annotations
 
+import json
+
 import moe_models
 import pytest
 
 from diaglib import compat
+from diaglib.paths import DATA
 from diaglib.predict import layers, memory, moe
 
 pytestmark = pytest.mark.contract
@@ -174,3 +177,53 @@ def test_the_kv_row_of_a_sliding_window_model_names_its_kv_cache_groups():
     assert set(kinds) == {"SlidingWindowSpec", "FullAttentionSpec"}
     for kind, n in kinds.items():
         assert f"{n} layers of {kind} in " in how
+
+
+@pytest.fixture(scope="module")
+def mtp_pair(tmp_path_factory):
+    """A small DeepSeek-V3 (its config.json shrunk: MLA, MoE, one MTP layer) with and without its MTP draft."""
+    from diaglib.errors import DiagError
+    from diaglib.scenario import load
+
+    cfg = json.loads((DATA / "models" / "DeepSeek-V3" / "config.json").read_text())
+    cfg.pop("quantization_config")
+    cfg.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=2,
+               first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+               num_attention_heads=2, num_key_value_heads=2, q_lora_rank=64, vocab_size=1024, num_nextn_predict_layers=1)
+    d = tmp_path_factory.mktemp("models") / "small-deepseek-v3"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    cmd = f"vllm serve {d} --max-model-len 4096 --max-num-batched-tokens 1024"
+    plain = load(cmd=cmd, gpu="NVIDIA H200", gpu_count=1)
+    for method in ("mtp", "deepseek_mtp"):  # the method's name as this release spells it
+        try:
+            return plain, load(cmd=cmd + f""" --speculative-config '{{"method":"{method}","num_speculative_tokens":1}}'""",
+                               gpu="NVIDIA H200", gpu_count=1), cfg
+        except DiagError as e:
+            why = e
+    pytest.skip(f"this vLLM refuses the MTP draft: {why}")
+
+
+def test_mtp_draft_weights_and_kv_are_vllms_draft_model(mtp_pair):
+    """--speculative-config with an MTP draft: the weights add the draft model vLLM's proposer builds (its own
+    tensors; the embedding it shares with the target counted once), and vLLM's KV sizing gets the draft's
+    attention layer too (one more layer per MTP layer of the checkpoint)."""
+    from diaglib.predict.schedule import kv_specs
+
+    plain, spec, cfg = mtp_pair
+    target = layers.build_model(spec)
+    draft, _ = layers.build_draft(spec)
+    assert layers.build_draft(plain) is None
+    assert draft.model.embed_tokens is target.model.embed_tokens  # vLLM's proposer shared it
+    ids = {id(t) for t in (*target.parameters(), *target.buffers())}
+    own = {id(t): t for t in (*draft.parameters(), *draft.buffers()) if id(t) not in ids}
+    own_bytes = sum(t.numel() * t.element_size() for t in own.values())
+    w = memory.weights_by_component(spec).set_index("component")
+    row = f"{memory.DRAFT} ({type(draft).__name__})"
+    assert w.loc[row, "bytes"] == own_bytes > 0
+    assert memory.weights_total_bytes(spec) == memory.weights_total_bytes(plain) + own_bytes
+    assert row in memory.budget(spec).set_index("item").loc["weights", "how"]
+    assert len(kv_specs(spec)) == len(kv_specs(plain)) + cfg["num_nextn_predict_layers"]
+    assert len(kv_specs(plain)) == cfg["num_hidden_layers"]
+    per_layer = memory.kv_bytes_per_token(plain) // cfg["num_hidden_layers"]
+    assert memory.kv_bytes_per_token(spec) == memory.kv_bytes_per_token(plain) + per_layer

@@ -17,7 +17,7 @@ answers are marked unverified, and an API none of the known spellings covers is 
 - :mod:`.attention`: attention backend selection
 - :mod:`.forward`: one forward pass outside the engine (forward context, attention metadata, dummy run)
 - :mod:`.switches`: kill-switch spellings
-- :mod:`.speculative`: the MTP draft of a checkpoint
+- :mod:`.speculative`: the MTP draft of a checkpoint; the draft model a proposer builds and shares with the target
 - :mod:`.envs`: vLLM's VLLM_* settings for one answer
 - :mod:`.logs`: vLLM's log formatter and the calls behind the log lines diaglib triage reads
 """
@@ -138,5 +138,5 @@ from .scheduling import (
     scheduler_class,
     scheduler_summary,
 )
-from .speculative import mtp_draft
+from .speculative import draft_key, draft_vllm_config, drafter_class, mtp_draft, share_with_target
 from .switches import kill_switches

@@ -20,6 +20,7 @@ from ..errors import DiagError
 from ..scenario import Scenario
 
 _models: dict[int, tuple[Scenario, object, dict]] = {}
+_drafts: dict[int, tuple[Scenario, tuple]] = {}  # the speculative draft built beside each model
 _MAX_MODELS = 8  # meta-device models kept (one per scenario object), oldest dropped first
 _REFUSALS = (ValueError, NotImplementedError, AssertionError)  # how vLLM's layers refuse a shape
 _depth = 0  # rank0 contexts entered
@@ -131,13 +132,14 @@ def build_model(sc: Scenario):
     return model
 
 
-def new_model(sc: Scenario, vllm_config=None):
+def new_model(sc: Scenario, vllm_config=None, *, model_config=None, into: dict | None = None):
     """A fresh, uncached build of the scenario's model (or of ``vllm_config``, a private variant of the
-    scenario's config), with the layer registries its layers registered in.
+    scenario's config; of ``model_config`` under it, as vLLM builds a draft model), with the layer registries
+    its layers registered in.
 
     Layers register themselves in the config's static forward context (a name may register once); the meta
-    model gets registries of its own so the config stays as vLLM resolved it. Returns (model, {registry name:
-    registry}); vLLM's refusal is a :class:`BuildRefused`."""
+    model gets registries of its own (copies of ``into``'s, where given) so the config stays as vLLM resolved
+    it. Returns (model, {registry name: registry}); vLLM's refusal is a :class:`BuildRefused`."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.utils import initialize_model
 
@@ -146,12 +148,12 @@ def new_model(sc: Scenario, vllm_config=None):
     registries = [n for n in ("static_forward_context", "static_all_moe_layers") if hasattr(cc, n)]
     saved = {n: getattr(cc, n) for n in registries}
     for n in registries:
-        setattr(cc, n, type(saved[n])())
+        setattr(cc, n, type(saved[n])((into or {}).get(n, ())))
     global _building
     outer, _building = _building, True
     try:
         with rank0(sc), set_current_vllm_config(cfg):
-            model = initialize_model(vllm_config=cfg)
+            model = initialize_model(vllm_config=cfg, **({"model_config": model_config} if model_config else {}))
         own = {n: getattr(cc, n) for n in registries}
     except _REFUSALS as e:
         raise BuildRefused(" ".join(_explain_refusal(sc, e).split())) from None  # one line
@@ -160,6 +162,32 @@ def new_model(sc: Scenario, vllm_config=None):
         for n in registries:
             setattr(cc, n, saved[n])
     return model, own
+
+
+def build_draft(sc: Scenario):
+    """The draft model vLLM's proposer builds for the scenario's speculative config (an MTP or EAGLE head, a
+    draft model), on the meta device beside the target, with the target's modules vLLM shares into it (cached);
+    None where the config drafts without a model. Returns (draft, forward context of target and draft layers):
+    vLLM's KV-cache sizing and capture see both."""
+    cls = compat.drafter_class(sc.vllm_config.speculative_config)
+    if cls is None:
+        return None
+    hit = _drafts.get(id(sc))
+    if hit is not None and hit[0] is sc:
+        return hit[1]
+    target = build_model(sc)
+    spec = sc.vllm_config.speculative_config
+    with rank0(sc):
+        cfg = compat.draft_vllm_config(cls, sc.vllm_config)
+    draft, registries = new_model(sc, cfg, model_config=spec.draft_model_config, into={
+        "static_forward_context": forward_context(sc)})
+    context = registries.get("static_forward_context", {})
+    with registered(sc, context), rank0(sc):
+        compat.share_with_target(cls, sc.vllm_config, draft, target)
+    if len(_drafts) >= _MAX_MODELS:
+        _drafts.pop(next(iter(_drafts)))
+    _drafts[id(sc)] = (sc, (draft, context))
+    return draft, context
 
 
 def forward_context(sc: Scenario) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .. import compat
+from ..errors import DiagError
 from ..scenario import Scenario
 from . import layers, moe
 
@@ -61,6 +62,9 @@ def _owned(model, kind: str):
     return list(owners.values())
 
 
+DRAFT = "speculative draft"  # the weights component of the draft model vLLM's proposer builds
+
+
 def weights_by_component(sc: Scenario) -> pd.DataFrame:
     """Exact per-rank weight bytes by component, from vLLM's model on the meta device (buffers included).
 
@@ -71,6 +75,17 @@ def weights_by_component(sc: Scenario) -> pd.DataFrame:
              "dtype": str(p.dtype).removeprefix("torch.")} for n, p, m in _owned(model, "parameters")]
     rows += [{"component": "buffers (rotary caches etc.)", "numel": b.numel(), "bytes": b.numel() * b.element_size(),
               "dtype": str(b.dtype).removeprefix("torch.")} for _, b, _ in _owned(model, "buffers")]
+    try:
+        draft = layers.build_draft(sc)
+    except DiagError as e:  # the target's weights still answer
+        rows.append({"component": f"{DRAFT} not counted ({e})", "numel": 0, "bytes": 0, "dtype": "-"})
+        draft = None
+    if draft is not None:  # its own tensors: what vLLM's proposer shares with the target is counted once
+        target = {id(t) for t in (*model.parameters(), *model.buffers())}
+        name = f"{DRAFT} ({type(draft[0]).__name__})"
+        rows += [{"component": name, "numel": t.numel(), "bytes": t.numel() * t.element_size(),
+                  "dtype": str(t.dtype).removeprefix("torch.")}
+                 for kind in ("parameters", "buffers") for _, t, _ in _owned(draft[0], kind) if id(t) not in target]
     df = pd.DataFrame(rows, columns=["component", "numel", "bytes", "dtype"])
     out = df.groupby("component", sort=False).agg(numel=("numel", "sum"), bytes=("bytes", "sum"),
                                                   dtypes=("dtype", lambda s: ", ".join(sorted(set(s)))))
@@ -170,11 +185,16 @@ def budget(sc: Scenario) -> pd.DataFrame:
     cfg = sc.vllm_config
     util = cfg.cache_config.gpu_memory_utilization
     total = sc.gpu.memory_bytes
-    weights = weights_total_bytes(sc)
+    parts = weights_by_component(sc)
+    weights = int(parts["bytes"].sum())
+    how = "vLLM model on the meta device, this rank"
+    for _, d in parts[parts["component"].str.startswith(DRAFT)].iterrows():
+        how += (f", with its {d['component']}: {d['GiB']:.2f} GiB (what vLLM's proposer shares with the target "
+                "counted once)" if d["bytes"] else f"; {d['component']}")
     kv, act, act_how = kv_memory_estimate(sc, weights)
     rows = [("GPU memory", total, "exact", f"{sc.gpu.name}, {sc.gpu.memory_mib} MiB"),
             ("usable (x gpu_memory_utilization)", int(total * util), "vLLM", f"x {util}"),
-            ("weights", weights, "exact", "vLLM model on the meta device, this rank"),
+            ("weights", weights, "exact", how),
             ("activation peak (profile run)", act, "estimate", act_how),
             ("non-torch (NCCL, cuBLAS, context)", NON_TORCH_BYTES, "guess", "fixed allowance")]
     if kv > 0:

@@ -45,7 +45,7 @@ def _model_key(sc) -> dict:
                          getattr(pc, "prefill_context_parallel_size", 1)],
             "cache_dtype": str(cfg.cache_config.cache_dtype), "gpu": sc.gpu.name,
             "impl": [str(getattr(mc, n, None)) for n in ("model_impl", "runner_type", "convert_type")],
-            "files": cache.model_files(sc.model_dir)}
+            "files": cache.model_files(sc.model_dir), "draft": compat.draft_key(cfg.speculative_config)}
 
 
 def weights_per_rank_bytes(sc) -> int:
@@ -64,7 +64,7 @@ def kv_specs(sc) -> dict | None:
     cannot build the model here (KV sizing then takes every decoder layer as full attention)."""
     from .. import cache
     from .architecture import loaded_config
-    from .layers import forward_context, rank0, registered
+    from .layers import build_draft, forward_context, rank0, registered
 
     cc, mc = sc.vllm_config.cache_config, sc.vllm_config.model_config
     parts = {**_model_key(sc), "cache": repr(cc), "max_model_len": mc.max_model_len,
@@ -73,8 +73,14 @@ def kv_specs(sc) -> dict | None:
     def specs():
         try:
             cfg = loaded_config(sc)
-            with registered(sc), rank0(sc):
-                return compat.layer_kv_cache_specs(cfg, forward_context(sc)) or None
+            context = forward_context(sc)
+            try:
+                draft = build_draft(sc)  # the draft's layers have KV caches of their own
+            except DiagError:  # the target's layers still answer (the weights row says why)
+                draft = None
+            context = draft[1] if draft is not None else context
+            with registered(sc, context), rank0(sc):
+                return compat.layer_kv_cache_specs(cfg, context) or None
         except DiagError:
             return None
     return cache.memo_here("kv-specs", parts, specs, pickled=True)
