@@ -1,4 +1,5 @@
-"""Speculative decoding: the multi-token-prediction draft vLLM would make of a checkpoint's own layers."""
+"""Speculative decoding: the multi-token-prediction draft vLLM would make of a checkpoint's own layers, and the
+draft model vLLM's proposer builds (under which config, sharing which of the target's modules)."""
 from __future__ import annotations
 
 import copy
@@ -23,7 +24,7 @@ def drafter_class(spec):
         return None
     if spec.method == "draft_model":
         return first("vLLM's draft-model proposer", "vllm.v1.spec_decode.draft_model:DraftModelProposer")
-    if spec.use_eagle():
+    if getattr(spec, "use_eagle", lambda: False)():
         return first("vLLM's EAGLE / MTP proposer", "vllm.v1.spec_decode.eagle:EagleProposer")
     return None
 
@@ -36,17 +37,22 @@ class _Proposer:
         self.vllm_config, self.speculative_config, self.model = vllm_config, vllm_config.speculative_config, draft
 
     def __getattr__(self, name):
-        try:
-            return getattr(self.__dict__["speculative_config"], name)
-        except AttributeError:
-            raise missing("proposer setting diaglib can stand in for", f"SpeculativeConfig.{name}") from None
+        return getattr(self.__dict__["speculative_config"], name)
+
+
+def _as_proposer(call, cls, *args):
+    """``call(*args)``; a proposer attribute diaglib cannot stand in for is a one-line VllmApiMissing."""
+    try:
+        return call(*args)
+    except AttributeError as e:
+        raise missing(f"{cls.__name__} setting diaglib can stand in for", f"{e.name or e} in SpeculativeConfig") from None
 
 
 def draft_vllm_config(cls, vllm_config):
     """The VllmConfig the proposer builds its draft under (its kernel overrides: ``_create_draft_vllm_config``
     where this vLLM has it; the target's config before that)."""
     make = getattr(cls, "_create_draft_vllm_config", None)
-    return make(_Proposer(vllm_config, None)) if make else vllm_config
+    return _as_proposer(make, cls, _Proposer(vllm_config, None)) if make else vllm_config
 
 
 def share_with_target(cls, vllm_config, draft, target) -> None:
@@ -60,15 +66,15 @@ def share_with_target(cls, vllm_config, draft, target) -> None:
     lm = target.get_language_model() if hasattr(target, "get_language_model") else target
     me = _Proposer(vllm_config, draft)
     if hasattr(cls, "_maybe_share_embeddings") and hasattr(cls, "_maybe_share_lm_head"):
-        cls._maybe_share_embeddings(me, lm)
-        cls._maybe_share_lm_head(me, lm)
+        _as_proposer(cls._maybe_share_embeddings, cls, me, lm)
+        _as_proposer(cls._maybe_share_lm_head, cls, me, lm)
         return
     module = sys.modules[cls.__module__]
     if not hasattr(cls, "load_model") or not hasattr(module, "get_model"):
         raise missing("way to share a draft's embedding and LM head with the target",
                       f"{cls.__name__}._maybe_share_embeddings, {cls.__name__}.load_model")
     with mock.patch.object(module, "get_model", lambda **kw: draft):
-        cls.load_model(me, target)
+        _as_proposer(cls.load_model, cls, me, target)
 
 
 def draft_key(spec) -> list | None:
