@@ -319,3 +319,17 @@ def test_a_sliding_window_model_is_sized_by_the_kv_specs_its_layers_give_themsel
     with pytest.raises(DiagError, match="max seq len"):  # all full attention: no room for one 128k request
         compat.kv_cache_config(compat.private_config(sc.vllm_config), 20 << 30)
     assert f"shared by {len(eng.kv_config.kv_cache_groups)} KV-cache groups" in eng.notes[1]
+
+
+def test_the_scheduler_takes_the_block_size_of_vllms_kv_cache_group():
+    """A backend with a block size of its own (FlashMLA's 64 for the NVFP4 DeepSeek on H100, settled after loading
+    the model in newer releases): the scheduler allocates and hashes in the block size of vLLM's KV-cache group, as
+    the engine core settles it, and a prompt as long as the model allows replays."""
+    import moe_models
+
+    sc = moe_models.zoo("DeepSeek-V3.1-NVFP4", "NVIDIA H100 80GB HBM3")
+    eng = Engine(sc)
+    groups = eng.kv_config.kv_cache_groups
+    assert eng.kv_info["block_size"] == min(g.kv_cache_spec.block_size for g in groups)
+    steps, _ = eng.run(single(8191, 1))
+    assert steps[0]["total_tokens"] == 8191

@@ -109,6 +109,20 @@ def _engine_block_sizes(kv_cfg, vllm_config) -> tuple[int, int]:
     return bs, bs
 
 
+def _settle_block_size(kv_cfg, vllm_config) -> None:
+    """Where the KV block size is settled after loading the model (attention.block_size_set_after_load), the
+    engine core takes it from the sized KV-cache groups before it builds the scheduler: the smallest block size of
+    the groups that take part in prefix caching, else of all (vllm/v1/engine/core.py,
+    EngineCore._initialize_kv_caches; e.g. FlashMLA's 64 where the resolved config said 16)."""
+    from .attention import block_size_set_after_load
+
+    groups = kv_cfg.kv_cache_groups
+    if not groups or not block_size_set_after_load():
+        return
+    sizes = [g.kv_cache_spec.block_size for g in groups if getattr(g.kv_cache_spec, "prefix_cacheable", True)]
+    vllm_config.cache_config.block_size = min(sizes or [g.kv_cache_spec.block_size for g in groups])
+
+
 def _resolve_kv_cache_layout(vllm_config, specs: list) -> None:
     """Where the engine core resolves one KV-cache layout before sizing (0.29.0+), resolve it as it does:
     from the layouts the attention backend supports, recorded in the (private) cache config."""
@@ -147,6 +161,7 @@ def kv_cache_config(vllm_config, memory_bytes: int, specs: dict | None = None):
         else:
             cfg = first("KV-cache sizing", "vllm.v1.core.kv_cache_utils:get_kv_cache_config")(
                 vllm_config, specs, memory_bytes)
+        _settle_block_size(cfg, vllm_config)
         block_size, hash_block_size = _engine_block_sizes(cfg, vllm_config)
     except ValueError as e:
         raise DiagError(f"vLLM's KV-cache sizing: {' '.join(str(e).split())}") from None
