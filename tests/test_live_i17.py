@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from diaglib import cache, compat
+from diaglib.errors import DiagError
 from diaglib.live import classify, compare, kernels, store
 from diaglib.paths import DATA
+from diaglib.predict import census
 
 R = DATA / "live" / "h200-vllm-0.20.2-i17"
 pytestmark = pytest.mark.skipif(compat.installed() != "0.20.2", reason="the records are of vLLM 0.20.2")
@@ -395,3 +397,75 @@ def test_bisect_of_the_gdn_fault_replays_from_its_store_and_names_the_missing_pa
     assert "runs: 1 new, 4 from the store" in ran and "(none)    8190 python_error    False    run" in ran
     again = (R / "bisect" / "bisect-again.txt").read_text()  # on the H200 after the fixes: the store alone
     assert "runs: 0 new, 5 from the store" in again and "known classes that fit: required-package-missing" in again
+
+
+# --- one H100 (data/live/h100-vllm-0.20.2-i17): gemma-3-27b's language model past its census int32 crossing ---
+
+H100 = DATA / "live" / "h100-vllm-0.20.2-i17"
+
+
+def _h100_engine(store_path: Path) -> dict:
+    return next(e for e in store.read(store_path) if e.get("type") == "engine")
+
+
+@pytest.mark.parametrize("store_path", sorted(R.glob("*/live.jsonl")) + [H100 / "live.jsonl"],
+                         ids=lambda p: p.parent.name)
+def test_every_recorded_engine_has_its_weights_and_kv_cache_predicted(store_path):
+    """The budget's weights (vLLM's meta model) and KV cache (GPU memory x utilization - weights - the profile
+    run's activation estimate, then vLLM's sizing) against every engine's log: dense models at 65,536 and
+    131,072 tokens per step included, whose MLP gate/up output is the largest activation of the profile run."""
+    m = compare.memory(store_path)
+    if m.empty:
+        pytest.skip("no engine with a KV cache in this store")
+    for item, tolerance in (("weights", 3), ("KV cache", 10)):
+        rows = m[(m["item"] == item) & m["error_pct"].notna()]
+        assert len(rows) and (rows["error_pct"].abs() < tolerance).all(), rows.to_string()
+
+
+def test_gemma_sliding_window_kv_cache_holds_the_tokens_vllm_logged():
+    """Gemma-3's 52 sliding-window and 10 global layers in vLLM's KV-cache groups (fp8): the 15.3 GiB vLLM
+    logged hold 57,289 tokens (vLLM pads the groups to equal size: "Add 8 padding layers"); one group of 62
+    global layers would report 13% more."""
+    from diaglib.predict.schedule import kv_specs
+
+    eng = _h100_engine(H100 / "live.jsonl")
+    sc = compare._scenario(compare.local_command(eng["spec"], H100), eng["info"]["gpu_name"])
+    kv = int(eng["logged"]["kv_cache_gib"] * 2**30)
+    kv_cfg = compat.kv_cache_config(compat.private_config(sc.vllm_config), kv, kv_specs(sc))[0]
+    assert len(kv_cfg.kv_cache_groups) > 1
+    assert compat.kv_cache_tokens(sc.vllm_config, kv_cfg) == pytest.approx(eng["logged"]["kv_cache_tokens"], rel=2e-3)
+    uniform = compat.kv_cache_config(compat.private_config(sc.vllm_config), kv)[0]
+    assert compat.kv_cache_tokens(sc.vllm_config, uniform) > 1.1 * eng["logged"]["kv_cache_tokens"]  # 64,688
+
+
+def test_gemma_at_its_int32_crossing_ran_out_of_memory_allocating_the_tensor_the_census_names():
+    """49,932 tokens passed; 49,933, the census's first int32 crossing (gate_up_proj out, N x 43008 bf16), ran out
+    of memory asking for that tensor: 2**31 elements of 2 bytes are 4 GiB, one allocator rounding step more than
+    the 4 GiB blocks the step before had cached (the profile run's 65,536 tokens had passed at start-up)."""
+    eng = _h100_engine(H100 / "live.jsonl")
+    with compat.vllm_env(kernels._settings(eng)):
+        th = census.thresholds(kernels._scenario_of(H100, eng), "prefill").dropna(subset=["tokens"])
+    first = th[th["tokens"] == th["tokens"].min()]
+    crossing = first[first["module"].str.endswith("gate_up_proj")].iloc[0]
+    n = int(crossing["tokens"])
+    probes = store.probes(H100 / "live.jsonl", eng["run"]).set_index("key")
+    assert probes.loc[f"p{n - 1}", "outcome"] == "ok" and probes.loc[f"p{n}", "outcome"] == "out_of_memory"
+    asked = float(re.search(r"Tried to allocate ([\d.]+) GiB", probes.loc[f"p{n}", "detail"]).group(1))
+    assert asked == round(n * crossing["slope"] * 2 / 2**30, 2) == 4.0  # the crossing tensor, in bf16
+    oom = next(r for r in store.read(H100 / "live.jsonl") if r.get("key") == f"p{n}")
+    assert oom["memory"]["alloc_retries"] > 0  # cached blocks were freed and it still did not fit
+
+
+def test_gemma_at_the_default_max_model_len_is_refused_as_diaglib_predicts():
+    """The first attempt (max_model_len 131,072 on one H100) stopped at start-up in vLLM's KV-cache check; diaglib's
+    budget stops there too, in vLLM's own words and with the KV memory one request needs that vLLM logged."""
+    from diaglib.predict import memory
+
+    folder = H100 / "attempts" / "1-max-model-len-131072"
+    eng = _h100_engine(folder / "hunt.jsonl")
+    log = (folder / "logs" / eng["run"] / Path(eng["log"]).name).read_text()
+    needed = re.search(r"\(([\d.]+) GiB KV cache is needed", log).group(1)
+    gpu = (H100 / "gpu.txt").read_text().splitlines()[1].split(",")[0]  # nvidia-smi's name: the engine never got ready
+    sc = compare._scenario(compare.local_command(eng["spec"], H100), gpu)
+    with pytest.raises(DiagError, match=rf"To serve at least one request.*\({re.escape(needed)} GiB KV cache is needed"):
+        memory.budget(sc)

@@ -137,6 +137,13 @@ def test_dense_model_memory_answers(dense):
         sum(b.numel() * b.element_size() for b in layers.build_model(dense).buffers())
     assert not info["buffers"]["buffer"].str.startswith("MoE").any()
     assert "MoE" not in memory.activation_peak_estimate(dense)[1]
+    # the profile run's largest transients: the MLP's gate/up output (vLLM's layer, this rank) and the activation
+    gate_up = next(m for n, m in layers.build_model(dense).named_modules() if n.endswith("mlp.gate_up_proj"))
+    buf = info["buffers"].set_index("buffer")
+    tokens = dense.vllm_config.scheduler_config.max_num_batched_tokens
+    assert buf.loc["MLP gate/up out", "shape"] == (tokens, gate_up.output_size_per_partition)
+    assert buf.loc["MLP activation out", "shape"] == (tokens, gate_up.output_size_per_partition // 2)
+    assert {"MLP gate/up out", "MLP activation out"} <= set(memory.activation_peak_estimate(dense)[1].split(" + "))
 
 
 @pytest.fixture(scope="module")

@@ -127,6 +127,9 @@ def large_buffers(sc: Scenario, num_tokens: int | None = None) -> pd.DataFrame:
              f"derived: {reqs} dummy requests x vocab, fp32 in the sampler"),
             ("input_ids", (n,), "int32", "derived: model-runner buffer"),
             ("positions", (n,), "int64", "derived: model-runner buffer")]
+    if width := _gate_up_width(sc):
+        src = "vLLM's model: its widest merged gate/up projection, this rank"
+        rows += [("MLP gate/up out", (n, width), act, src), ("MLP activation out", (n, width // 2), act, src)]
     df = pd.DataFrame([{"buffer": b, "shape": s, "dtype": t, "numel": _prod(s), "source": src}
                        for b, s, t, src in rows])
     df["bytes"] = df["numel"] * df["dtype"].map({"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8})
@@ -140,6 +143,15 @@ def large_buffers(sc: Scenario, num_tokens: int | None = None) -> pd.DataFrame:
     return df.sort_values("bytes", ascending=False).reset_index(drop=True)
 
 
+def _gate_up_width(sc: Scenario) -> int:
+    """Per-rank output width of the widest merged gate/up projection of vLLM's model (a column-parallel linear
+    with two equal output partitions, which a gated activation halves); 0 where the model has none (MoE layers
+    have their own buffers)."""
+    widths = [sum(sizes) for _, m in layers.build_model(sc).named_modules()
+              if len(sizes := list(getattr(m, "output_partition_sizes", None) or ())) == 2 and sizes[0] == sizes[1]]
+    return max(widths, default=0)
+
+
 def _prod(shape) -> int:
     out = 1
     for s in shape:
@@ -148,10 +160,11 @@ def _prod(shape) -> int:
 
 
 def activation_peak_estimate(sc: Scenario) -> tuple[int, str]:
-    """Profile-run activation peak (ESTIMATE): selected-path MoE workspaces + per-layer transients + logits."""
+    """Profile-run activation peak (ESTIMATE): selected-path MoE workspaces + per-layer transients (the dense
+    MLP's gate/up output and its activation among them) + logits."""
     buf = large_buffers(sc).set_index("buffer")
-    parts = [b for b in ("hidden_states", "residual", "qkv_proj out", "attention out",
-                         "logits (profile run: one per request)") if b in buf.index]
+    parts = [b for b in ("hidden_states", "residual", "qkv_proj out", "attention out", "MLP gate/up out",
+                         "MLP activation out", "logits (profile run: one per request)") if b in buf.index]
     total = int(buf.loc[parts, "bytes"].sum())
     if layers.build_moe_layer(sc) is not None:
         path = moe.selected(sc, sc.vllm_config.scheduler_config.max_num_batched_tokens)[1]

@@ -47,6 +47,9 @@ WINDOW = "vllm serve google/gemma-3-27b-it --language-model-only --max-num-batch
 AWQ = "vllm serve Qwen/Qwen2.5-72B-Instruct-AWQ --max-num-batched-tokens 65536 --enforce-eager"
 DECODE = {"lengths": [128] * 32, "max_tokens": 3}
 
+# one H100's KV memory holds a 49,933-token prompt of gemma-3-27b only in fp8 at 0.97 of the GPU's memory
+HUNT_GEMMA = ("vllm serve google/gemma-3-27b-it --language-model-only --max-num-batched-tokens 65536 "
+              "--max-model-len 50000 --kv-cache-dtype fp8 --gpu-memory-utilization 0.97")
 # (run, serve command, probes, what the boundary map / census predicts there)
 HUNT = [
     ("hunt-deepseek-moe", "vllm serve deepseek-ai/DeepSeek-R1 -tp 8 --max-num-batched-tokens 65536 --enforce-eager",
@@ -64,10 +67,12 @@ HUNT = [
      "36,315 tokens; down_proj A [N x 29568] from 72,629; the profile run at start-up is 65,536"),
     ("hunt-awq-marlin", AWQ, [],
      "the same crossings through Marlin (MacheteLinearKernel disabled: vLLM's next int4 kernel on sm90)"),
-    ("hunt-gemma-int32", "vllm serve google/gemma-3-27b-it --language-model-only --max-num-batched-tokens 65536",
-     [49932, 49933, 65536],
+    ("hunt-gemma-int32", HUNT_GEMMA,
+     [49932, 49933],
      "census int32: gate_up_proj out [N x 43008] (cuBLAS) and Inductor's gelu and mul over [N x 21504] pass "
      "INT32_MAX from 49,933 tokens; the profile run at start-up is 65,536"),
+    ("hunt-gemma-order", HUNT_GEMMA, [49933, 49932, 49934],
+     "the first run's 49,933 out of memory: the crossing first on a fresh engine, then 49,932 and 49,934"),
 ]
 # a prompt is at most max_model_len - 1 (32,767) tokens: steps past it are two prompts scheduled together
 _AWQ_BATCHES = [{"lengths": [18157, 18157], "max_tokens": 1}, {"lengths": [18158, 18158], "max_tokens": 1},
