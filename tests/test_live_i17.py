@@ -469,3 +469,22 @@ def test_gemma_at_the_default_max_model_len_is_refused_as_diaglib_predicts():
     sc = compare._scenario(compare.local_command(eng["spec"], H100), gpu)
     with pytest.raises(DiagError, match=rf"To serve at least one request.*\({re.escape(needed)} GiB KV cache is needed"):
         memory.budget(sc)
+
+
+def test_triage_of_the_out_of_memory_log_fits_the_memory_class_not_the_int32_crossing_it_sits_on():
+    """diaglib triage on the H100 engine's log: the 49,933-token step is the census's int32 crossing, yet the
+    crash is an allocation that did not fit (PyTorch's sizes: 4.00 GiB asked, 3.43 free, 5.26 reserved but
+    unallocated): the memory class fits, the int32 classes are ruled out by the crash itself."""
+    from diaglib.triage import diagnose
+
+    eng = _h100_engine(H100 / "live.jsonl")
+    log = (H100 / "logs" / eng["run"] / Path(eng["log"]).name).read_text()
+    t = diagnose.triage(log, source="log", model_dir=str(compare.model_folder(eng["spec"], H100)))
+    assert t.crash.outcome == "out_of_memory" and t.crash.during == "serving step" and t.step.tokens == 49933
+    best = t.suspects[0]
+    assert (best.id, best.verdict) == ("step-out-of-memory", "fits")
+    assert any("fragmentation" in e for e in best.evidence_for)
+    by_id = {s.id: s for s in t.suspects}
+    for cls in ("int32-token-offset", "inductor-32bit-indexing"):
+        assert any("reached" in e for e in by_id[cls].evidence_for)  # the step is past the crossing...
+        assert by_id[cls].verdict == "ruled out"                      # ...and the crash is not a device fault

@@ -257,3 +257,14 @@ def test_caller_is_the_innermost_frame_outside_torch_and_triton():
     assert out.outcome == "illegal_memory_access"
     assert out.surfaced_at == "__call__ (driver.py:713)" and out.caller == "oob_write (planted.py:66)"
     assert C.caller('  File "<string>", line 1, in <module>\n') is None
+
+
+def test_allocation_sizes_are_read_off_pytorchs_out_of_memory_message():
+    oom = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total capacity of "
+           "79.18 GiB of which 3.43 GiB is free. Including non-PyTorch memory, this process has 75.73 GiB memory in "
+           "use. Of the allocated memory 69.16 GiB is allocated by PyTorch, with 366.00 MiB allocated in private "
+           "pools (e.g., CUDA Graphs), and 5.26 GiB is reserved by PyTorch but unallocated.")
+    assert C.allocation(oom) == {"asked": 4.0, "total": 79.18, "free": 3.43, "unallocated": 5.26}
+    assert C.allocation("Tried to allocate 138.00 MiB. GPU 0") == {"asked": 138 / 1024}
+    assert C.allocation("RuntimeError: CUDA error: an illegal memory access") == {}
+    assert C.outcome_of(oom) == "out_of_memory" and C.outcome_of("ValueError: x") == "python_error"

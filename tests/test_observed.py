@@ -76,3 +76,20 @@ def test_a_failed_import_of_a_required_package_fits_only_the_missing_package_cla
     df = fit(scenario, b, {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"},
              matches=matches).set_index("id")
     assert df.loc["required-package-missing", "error"] == "contradicts"
+
+
+OOM = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total capacity of 79.18 GiB "
+       "of which 3.43 GiB is free. Including non-PyTorch memory, this process has 75.73 GiB memory in use. Of the "
+       "allocated memory 69.16 GiB is allocated by PyTorch, and 5.26 GiB is reserved by PyTorch but unallocated.")
+
+
+def test_an_allocation_that_did_not_fit_fits_only_the_memory_class(scenario, matches):
+    """An out-of-memory error is the memory class's symptom and contradicts every fault on the device."""
+    b = {"failing_low": 49933, "failing_high": 49933, "complete": True}
+    df = fit(scenario, b, {"error": OOM}, matches=matches).set_index("id")
+    assert df.loc["step-out-of-memory", "verdict"] == "fits" and df.loc["step-out-of-memory", "error"] == "agrees"
+    assert (df.loc[df.index != "step-out-of-memory", "verdict"] != "fits").all()
+    assert df.loc["exactly-at-budget", "error"] == "contradicts"
+    df = fit(scenario, b, {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"},
+             matches=matches).set_index("id")
+    assert df.loc["step-out-of-memory", "error"] == "contradicts"

@@ -53,6 +53,27 @@ class Outcome:
         return asdict(self)
 
 
+def outcome_of(text: str) -> str:
+    """The outcome an error message reports by itself (the first pattern that matches), else python_error."""
+    return next((name for name, rx in _PATTERNS if rx.search(text)), "python_error")
+
+
+_GIB = {"B": 2**-30, "KiB": 2**-20, "MiB": 2**-10, "GiB": 1.0, "TiB": 2**10, "PiB": 2**20, "EiB": 2**30}
+_ALLOC = {"asked": r"Tried to allocate ([\d.]+) ([KMGTPE]?i?B)", "total": r"total capacity of ([\d.]+) ([KMGTPE]?i?B)",
+          "free": r"of which ([\d.]+) ([KMGTPE]?i?B) is free",
+          "unallocated": r"([\d.]+) ([KMGTPE]?i?B) is reserved by PyTorch but unallocated"}
+
+
+def allocation(text: str) -> dict[str, float]:
+    """The sizes (GiB) PyTorch's out-of-memory message gives: asked, total, free, unallocated (those present)."""
+    out = {}
+    for key, rx in _ALLOC.items():
+        m = re.search(rx, text)
+        if m and m.group(2) in _GIB:
+            out[key] = float(m.group(1)) * _GIB[m.group(2)]
+    return out
+
+
 def classify(log: str, *, returncode: int | None, timed_out: bool = False, report: dict | None = None,
              excerpt_lines: int = 30) -> Outcome:
     """Classify one probe.

@@ -3,7 +3,7 @@
 Four observations are compared with what each class predicts: the first failing token count (against
 the class's threshold for this scenario), the faulting kernel (against the kernels the class shows up
 in), the minimal kill-switch set (against the switches that avoid the class) and the probe's own error (a
-failed import against a fault on the device). Any contradiction rules a class out; a class that does not
+failed import, an allocation that did not fit, a fault on the device). Any contradiction rules a class out; a class that does not
 apply to this vLLM version or configuration is out as well, unless the error itself shows it (a class judged
 on the environment that ran the probe, not on this one).
 """
@@ -14,6 +14,7 @@ import re
 import pandas as pd
 
 from .. import compat
+from . import classify
 
 INDUCTOR = r"^triton_(?:poi|red|per|tem|for)_"
 # class id -> (kernels it shows up in, kill switches that avoid it, "from" (fails from the threshold on),
@@ -35,9 +36,12 @@ EXPECT = {
     "moe-grid-limit": (r"fused_moe_kernel|moe", {"moe-chunk-half", "moe-backend"}, "from"),
     "unvalidated-token-ids": (r"flash_fwd|embedding|index", set(), None),
     "required-package-missing": (None, set(), None),
+    "step-out-of-memory": (None, set(), None),
 }
-# classes whose fault is a failed import of a package vLLM requires; every other class is a fault on the device
+# classes whose fault is a failed import of a package vLLM requires, or an allocation that does not fit; every
+# other class is a fault on the device
 IMPORT_FAULTS = {"required-package-missing"}
+MEMORY_FAULTS = {"step-out-of-memory"}
 COLUMNS = ["id", "title", "verdict", "applies", "threshold_tokens", "threshold", "kernel", "switches", "error",
            "why"]
 
@@ -64,7 +68,7 @@ def fit(sc, bisection: dict | None = None, evidence: dict | None = None, matches
         kernels, avoid, mode = EXPECT[m.id]
         t = None if pd.isna(m.threshold_tokens) else int(m.threshold_tokens)
         checks = {"threshold": _threshold(t, mode, b), "kernel": _kernel(kernels, kernel),
-                  "switches": _switches(avoid, b), "error": _error(m.id in IMPORT_FAULTS, error, sc.vllm_version)}
+                  "switches": _switches(avoid, b), "error": _error(_fault(m.id), error, sc.vllm_version)}
         reasons = [text for _, text in checks.values() if text]
         verdicts = [v for v, _ in checks.values()]
         if not m.applies and checks["error"][0] != "agrees":
@@ -104,13 +108,24 @@ def _kernel(pattern: str | None, kernel: str | None) -> tuple[str, str]:
     return "contradicts", f"faulting kernel {kernel} is not one this class shows up in"
 
 
-def _error(import_fault: bool, error: str | None, version: str) -> tuple[str, str]:
+def _fault(cls: str) -> str:
+    """How a class's fault shows: a failed import, an allocation that did not fit, or a fault on the device."""
+    return "import" if cls in IMPORT_FAULTS else "memory" if cls in MEMORY_FAULTS else "device"
+
+
+def _error(fault: str, error: str | None, version: str) -> tuple[str, str]:
     if not error:
         return "", ""
     failed = compat.failed_import(error)
-    if not import_fault:
-        return ("contradicts", f"the probe died on a failed import ({error}), not on a fault in a kernel") if failed \
-            else ("", "")
+    oom = classify.outcome_of(error) == "out_of_memory"
+    if fault == "memory":
+        return ("agrees", f"the probe died on {error}: an allocation that did not fit") if oom else \
+            ("contradicts", f"the probe died on {error}, not on an allocation that did not fit")
+    if fault == "device":
+        if failed:
+            return "contradicts", f"the probe died on a failed import ({error}), not on a fault in a kernel"
+        return ("contradicts", f"the probe died on {error}: an allocation that did not fit, not a fault in a "
+                "kernel") if oom else ("", "")
     if failed is None:
         return "contradicts", f"the probe died on {error}, not on a failed import"
     req = compat.required_by_module(failed[0])

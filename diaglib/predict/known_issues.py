@@ -296,6 +296,15 @@ def required_package_missing(f: _Facts):
     return False, f"every distribution vLLM {f.sc.vllm_version} requires ({len(need)}) is installed here", None
 
 
+def memory_headroom(f: _Facts):
+    """vLLM sizes the KV cache by the profile run's peak within gpu_memory_utilization: what lies outside it."""
+    util = f.sc.vllm_config.cache_config.gpu_memory_utilization
+    outside = f.sc.gpu.memory_bytes * (1 - util) / 2**30
+    return True, (f"the KV cache takes what the profile run's peak at {f.mnbt:,} tokens leaves of "
+                  f"gpu_memory_utilization {util} ({outside:.1f} GiB of the {f.sc.gpu.name}'s memory outside it): "
+                  "an allocation the caching allocator cannot place in one piece still fails"), None
+
+
 def _installed(dist: str) -> bool:
     try:
         importlib.metadata.distribution(dist)
@@ -313,7 +322,7 @@ def version_listed(f: _Facts, cls: dict):
 PREDICATES = {fn.__name__: fn for fn in (
     moe_triton_int32, any_buffer_int32, census_int32, inductor_32bit, census_inductor_int32, compile_range_edge,
     moe_chunking, at_budget, cudagraph_edge, full_capture_over_mml, chunked_prefill, fp8_block_alignment, profile_run, moe_grid, always,
-    perf_cliff, required_package_missing, version_listed)}
+    perf_cliff, required_package_missing, memory_headroom, version_listed)}
 
 
 def match(sc: Scenario) -> pd.DataFrame:

@@ -18,7 +18,8 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from ..live.observed import EXPECT
+from ..live import classify
+from ..live.observed import EXPECT, MEMORY_FAULTS
 from ..predict.switches import NOT_DEFAULT as NOT_DEFAULT_SWITCHES
 from .crash import Crash
 from .replay import Step
@@ -85,6 +86,8 @@ def rank(matches, catalog: list[dict], step: Step | None, replayed: dict | None,
         _step_facts(s, c["predicate"], step, replayed, t)
         _kernel(s, expect[0], crash)
         _when(s, expect[2], crash)
+        if m is None or m.applies:
+            _memory(s, c["id"] in MEMORY_FAULTS, crash, step, budget)
         if c.get("versions") and log_version:
             hit = log_version in c["versions"]
             (s.evidence_for if hit else s.evidence_against).append(
@@ -176,6 +179,37 @@ def _when(s: Suspect, mode, crash: Crash | None) -> None:
         _rule_out(s, "a start-up fault; this crash came in a served step: ruled out")
     elif crash.during == "start-up":
         s.evidence_for.append("the crash came while the engine started")
+
+
+def _memory(s: Suspect, memory_class: bool, crash: Crash | None, step: Step | None, budget: int | None) -> None:
+    """An allocation that did not fit (PyTorch's out-of-memory message and its sizes) against the class: the
+    memory class's own symptom; for a fault on the device, a contradiction unless the size asked is absurd."""
+    if crash is None:
+        return
+    oom = crash.outcome == "out_of_memory"
+    sizes = classify.allocation(crash.message) if oom else {}
+    asked, total = sizes.get("asked"), sizes.get("total")
+    if not memory_class:
+        if oom and asked is not None and total is not None and asked > total:
+            s.evidence_for.append(f"the step asked for {asked:,.2f} GiB, more than the GPU's {total:,.2f} GiB: a size "
+                                  "computed past an index limit?")
+        elif oom:
+            _rule_out(s, f"the crash is an allocation that did not fit ({crash.exc_type or crash.outcome}), not a "
+                         "fault on the device: ruled out")
+        return
+    if not oom:
+        _rule_out(s, f"the crash is {crash.exc_type or crash.outcome}, not an allocation that did not fit: ruled out")
+        return
+    _for(s, f"the crash is {crash.exc_type or 'an out-of-memory error'}"
+            + (f": {asked:,.2f} GiB asked" if asked is not None else "")
+            + (f" of a GPU of {total:,.2f} GiB" if total is not None else ""))
+    free, loose = sizes.get("free"), sizes.get("unallocated")
+    if asked is not None and free is not None and loose is not None and free < asked <= free + loose:
+        _for(s, f"{free:,.2f} GiB free and {loose:,.2f} GiB reserved by PyTorch but unallocated would hold it, not in "
+                "one piece: the caching allocator's fragmentation")
+    if crash.during == "serving step" and step is not None and budget and step.tokens <= budget:
+        s.evidence_for.append(f"a step of {step.tokens:,} tokens is within the {budget:,} of the profile run whose peak "
+                              "sized the KV cache: that peak fit at start-up")
 
 
 def _import_error(s: Suspect, crash: Crash | None, judged_by: str | None) -> None:

@@ -81,11 +81,7 @@ class Traceback:
     @property
     def outcome(self) -> str:
         """live.classify's name for what this traceback reports (illegal_memory_access, cuda_error, ...)."""
-        text = f"{self.exc_type}: {self.message}"
-        for name, rx in classify._PATTERNS:
-            if rx.search(text):
-                return name
-        return "python_error"
+        return classify.outcome_of(f"{self.exc_type}: {self.message}")
 
     @property
     def survived(self) -> bool:
